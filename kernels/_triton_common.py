@@ -1,0 +1,107 @@
+"""Device functions shared by the Triton projector kernels (ray set-up and box clipping).
+
+They mirror ``kernels/reference.py`` operation for operation (see ``kernels/_prep.py`` for the ray
+parametrisation), so that the kernels and the reference compute the same operator.
+"""
+
+import triton
+import triton.language as tl
+
+INF = tl.constexpr(float("inf"))
+
+
+@triton.jit
+def ray_setup(params_ptr, b, v, V, rr, cc, ROWS, COLS, IS_CONE: tl.constexpr, DTYPE: tl.constexpr):
+    """Index-space origin o, direction e (per mm) and parameter range [tlo, thi] of the pixels (rr, cc)."""
+    base = params_ptr + (b * V + v) * 24
+    f0 = tl.load(base + 0).to(DTYPE)
+    f1 = tl.load(base + 1).to(DTYPE)
+    f2 = tl.load(base + 2).to(DTYPE)
+    cx = tl.load(base + 3).to(DTYPE)
+    cy = tl.load(base + 4).to(DTYPE)
+    cz = tl.load(base + 5).to(DTYPE)
+    ux = tl.load(base + 6).to(DTYPE)
+    uy = tl.load(base + 7).to(DTYPE)
+    uz = tl.load(base + 8).to(DTYPE)
+    vx = tl.load(base + 9).to(DTYPE)
+    vy = tl.load(base + 10).to(DTYPE)
+    vz = tl.load(base + 11).to(DTYPE)
+    r = rr.to(DTYPE) - (ROWS - 1) / 2
+    c = cc.to(DTYPE) - (COLS - 1) / 2
+    px = cx + c * ux + r * vx
+    py = cy + c * uy + r * vy
+    pz = cz + c * uz + r * vz
+    if IS_CONE:
+        m00 = tl.load(base + 12).to(DTYPE)
+        m01 = tl.load(base + 13).to(DTYPE)
+        m02 = tl.load(base + 14).to(DTYPE)
+        m10 = tl.load(base + 15).to(DTYPE)
+        m11 = tl.load(base + 16).to(DTYPE)
+        m12 = tl.load(base + 17).to(DTYPE)
+        m20 = tl.load(base + 18).to(DTYPE)
+        m21 = tl.load(base + 19).to(DTYPE)
+        m22 = tl.load(base + 20).to(DTYPE)
+        dx = px - f0
+        dy = py - f1
+        dz = pz - f2
+        wx = m00 * dx + m01 * dy + m02 * dz
+        wy = m10 * dx + m11 * dy + m12 * dz
+        wz = m20 * dx + m21 * dy + m22 * dz
+        length = tl.sqrt(wx * wx + wy * wy + wz * wz)
+        ex = dx / length
+        ey = dy / length
+        ez = dz / length
+        ox = px * 0 + f0
+        oy = py * 0 + f1
+        oz = pz * 0 + f2
+        tlo = length * 0
+        thi = length
+    else:
+        ex = px * 0 + f0
+        ey = py * 0 + f1
+        ez = pz * 0 + f2
+        ox = px
+        oy = py
+        oz = pz
+        tlo = px * 0 - INF
+        thi = px * 0 + INF
+    return ox, oy, oz, ex, ey, ez, tlo, thi
+
+
+@triton.jit
+def axis_range(o, e, lo, hi, UPPER_OPEN: tl.constexpr):
+    """Parameter interval of q = o + t e inside lo ≤ q ≤ hi on one axis (same rule as reference.clip)."""
+    nz = e != 0
+    safe = tl.where(nz, e, 1.0)
+    ta = (lo - o) / safe
+    tb = (hi - o) / safe
+    if UPPER_OPEN:
+        inside = (o >= lo) & (o < hi)
+    else:
+        inside = (o > lo) & (o < hi)
+    tmin = tl.where(nz, tl.minimum(ta, tb), tl.where(inside, -INF, INF))
+    tmax = tl.where(nz, tl.maximum(ta, tb), tl.where(inside, INF, -INF))
+    return tmin, tmax
+
+
+@triton.jit
+def clip_box(ox, oy, oz, ex, ey, ez, lo, NX, NY, NZ, hi_off, tlo, thi, UPPER_OPEN: tl.constexpr):
+    """Clip the rays to the box [lo, N + hi_off] on every axis; returns t0, t1 (miss: t1 ≤ t0)."""
+    ax0, ax1 = axis_range(ox, ex, lo, NX + hi_off, UPPER_OPEN)
+    ay0, ay1 = axis_range(oy, ey, lo, NY + hi_off, UPPER_OPEN)
+    az0, az1 = axis_range(oz, ez, lo, NZ + hi_off, UPPER_OPEN)
+    t0 = tl.maximum(tlo, tl.maximum(ax0, tl.maximum(ay0, az0)))
+    t1 = tl.minimum(thi, tl.minimum(ax1, tl.minimum(ay1, az1)))
+    return t0, t1
+
+
+@triton.jit
+def pixel_tile(pid, ROWS, COLS, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+    """Row/column indices of the BLOCK_R × BLOCK_C detector tile handled by program ``pid``."""
+    n_tc = tl.cdiv(COLS, BLOCK_C)
+    tr = pid // n_tc
+    tc = pid % n_tc
+    offs = tl.arange(0, BLOCK_R * BLOCK_C)
+    rr = tr * BLOCK_R + offs // BLOCK_C
+    cc = tc * BLOCK_C + offs % BLOCK_C
+    return rr, cc, (rr < ROWS) & (cc < COLS)

@@ -1,0 +1,110 @@
+"""Ahead-of-time compile check of every Triton kernel for named GPU targets, without a GPU.
+
+The Triton interpreter accepts code that the GPU compiler rejects, so the test suite compiles every kernel
+variant for sm_80 and sm_90 with this module (in a process where ``TRITON_INTERPRET`` is not set) and
+reads registers / spills from the cubin.
+
+    python -m xwin.kernels.aot            # prints a JSON report, exit status 1 if any variant fails
+
+A kernel module takes part by defining ``AOT_SPECS``: a list of dicts with ``fn``, ``signature`` (argument
+name -> Triton type string, e.g. ``"*fp32"``, ``"i32"``) and ``constexprs`` (name -> value).
+"""
+
+from __future__ import annotations
+
+import importlib
+import itertools
+import json
+import os
+import subprocess
+import sys
+import tempfile
+
+__all__ = ["kernel_specs", "compile_spec", "main"]
+
+
+def _projector_specs():
+    import triton.language as tl
+
+    from .siddon import siddon_kernel
+    from .trilinear import trilinear_kernel
+
+    ints = {k: "i32" for k in ("V", "ROWS", "COLS", "NX", "NY", "NZ")}
+    specs = []
+    for cone, adj, (vt, dt), i64 in itertools.product((True, False), (False, True),
+                                                       (("*fp32", tl.float32), ("*fp16", tl.float32),
+                                                        ("*bf16", tl.float32), ("*fp64", tl.float64)),
+                                                       (False, True)):
+        if adj and vt in ("*fp16", "*bf16"):
+            continue            # the adjoint accumulates into a float32/float64 buffer
+        ct = "*fp64" if dt == tl.float64 else "*fp32"
+        const = dict(IS_CONE=cone, ADJOINT=adj, DTYPE=dt, INT64=i64, BLOCK_R=8, BLOCK_C=16)
+        specs.append(dict(name=f"siddon cone={cone} adjoint={adj} vol={vt} int64={i64}", fn=siddon_kernel,
+                          signature={"vol_ptr": vt, "params_ptr": ct, "proj_ptr": ct, **ints}, constexprs=const))
+        specs.append(dict(name=f"trilinear cone={cone} adjoint={adj} vol={vt} int64={i64}", fn=trilinear_kernel,
+                          signature={"vol_ptr": vt, "params_ptr": ct, "proj_ptr": ct, "dt_ptr": ct, **ints},
+                          constexprs=const))
+    return specs
+
+
+def kernel_specs():
+    specs = _projector_specs()
+    for mod in ("fdk_backproject",):
+        try:
+            m = importlib.import_module(f"{__package__}.{mod}")
+        except ImportError:
+            continue
+        specs.extend(getattr(m, "AOT_SPECS", []))
+    return specs
+
+
+def compile_spec(spec, cc: int):
+    """Compile one kernel variant for compute capability ``cc`` (e.g. 80, 90); returns the compiled kernel."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+
+    sig = dict(spec["signature"])
+    for k in spec["constexprs"]:
+        sig[k] = "constexpr"
+    src = triton.compiler.ASTSource(fn=spec["fn"], signature=sig, constexprs=dict(spec["constexprs"]))
+    return triton.compile(src, target=GPUTarget("cuda", cc, 32), options={"num_warps": spec.get("num_warps", 4)})
+
+
+def resource_usage(cubin: bytes) -> str:
+    import triton
+
+    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    if not os.path.exists(tool):
+        return ""
+    with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as f:
+        f.write(cubin)
+    try:
+        out = subprocess.run([tool, "--dump-resource-usage", f.name], capture_output=True, text=True, timeout=60)
+        return " ".join(l.strip() for l in out.stdout.splitlines() if "REG:" in l)
+    finally:
+        os.unlink(f.name)
+
+
+def main(argv=None) -> int:
+    if os.environ.get("TRITON_INTERPRET", "0") == "1":
+        print("unset TRITON_INTERPRET to compile ahead of time", file=sys.stderr)
+        return 2
+    os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+    ccs = [int(a) for a in (argv if argv is not None else sys.argv[1:])] or [80, 90]
+    report, failed = [], 0
+    for spec in kernel_specs():
+        for cc in ccs:
+            entry = {"kernel": spec["name"], "cc": cc}
+            try:
+                k = compile_spec(spec, cc)
+                entry.update(ok="cubin" in k.asm and len(k.asm["cubin"]) > 0, resources=resource_usage(k.asm["cubin"]))
+            except Exception as exc:  # report every failing variant, not just the first
+                entry.update(ok=False, error=f"{type(exc).__name__}: {exc}"[:2000])
+            failed += not entry["ok"]
+            report.append(entry)
+    print(json.dumps(report, indent=1))
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
