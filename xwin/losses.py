@@ -56,8 +56,9 @@ def _logits(z: torch.Tensor, t: torch.Tensor, temperature: float) -> torch.Tenso
         raise ValueError(f"z and t must both be (M, D), got {tuple(z.shape)} and {tuple(t.shape)}")
     if temperature <= 0:
         raise ValueError("temperature must be positive")
-    z = F.normalize(z.float(), dim=1)
-    t = F.normalize(t.float(), dim=1)
+    dt = torch.float64 if torch.float64 in (z.dtype, t.dtype) else torch.float32  # bf16/fp16 -> fp32
+    z = F.normalize(z.to(dt), dim=1)
+    t = F.normalize(t.to(dt), dim=1)
     return z @ t.t() / temperature
 
 
@@ -74,7 +75,8 @@ def affinity_labels(t: torch.Tensor, affinity_temperature: float = 0.05,
     """Soft labels A (M, M), rows summing to 1: A_ij ∝ max(cos(t_i, t_j), 0)^(1/τ̃) within a group."""
     if affinity_temperature <= 0:
         raise ValueError("affinity_temperature must be positive")
-    tn = F.normalize(t.detach().float(), dim=1)
+    dt = torch.float64 if t.dtype == torch.float64 else torch.float32
+    tn = F.normalize(t.detach().to(dt), dim=1)
     s = (tn @ tn.t()).clamp(max=1.0)
     eye = torch.eye(s.shape[0], dtype=torch.bool, device=s.device)
     s = s.masked_fill(eye, 1.0)  # a target is always its own positive, even for a zero vector

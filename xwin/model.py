@@ -237,8 +237,7 @@ class DomainClassifier(nn.Module):
 
     def __init__(self, embed_dim: int, hidden: int = 256):
         super().__init__()
-        self.net = nn.Sequential(nn.LayerNorm(embed_dim), nn.Linear(embed_dim, hidden), nn.GELU(),
-                                 nn.Linear(hidden, 1))
+        self.net = nn.Sequential(nn.Linear(embed_dim, hidden), nn.GELU(), nn.Linear(hidden, 1))
 
     def forward(self, tokens: torch.Tensor, frozen: bool = False) -> torch.Tensor:
         if not frozen:
