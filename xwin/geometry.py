@@ -248,8 +248,8 @@ def xwin_pose(yaw=0.0, pitch=0.0, roll=0.0, *, size: int = 512, pixel_size: Opti
 
     * **yaw** turns about the long (superior, +z) axis: positive yaw moves the source towards the patient's
       right (+x); yaw = ±90 gives lateral views. X-WIN's actions are yaws in [−90°, 90°].
-    * **pitch** turns about the left–right (+x) axis: positive pitch moves the source towards the head
-      (cranial tilt of the beam's origin).
+    * **pitch** turns about the left–right (+x) axis: positive pitch moves the (posterior) source towards
+      the feet (−z) and the detector towards the head, so the beam travels upwards through the chest.
     * **roll** turns about the antero-posterior (+y) axis: it spins the detector in its own plane.
     """
     if size < 1:
