@@ -662,10 +662,40 @@ def _window(x: np.ndarray, center: float, width: float, function: str = "LINEAR"
 
 
 def _first(v):
+    """First value of a multi-valued DICOM element (a plain string or number is returned as is)."""
+    if isinstance(v, (str, bytes, int, float)):
+        return v
     try:
         return v[0]
     except (TypeError, IndexError, KeyError):
         return v
+
+
+def _apply_lut(x: np.ndarray, item, p: Path, scale: bool = True) -> np.ndarray:
+    """A DICOM lookup table item (LUTDescriptor + LUTData) applied to ``x``.
+
+    Inputs below the first mapped value take the first entry, above the last the last entry.
+    ``scale``: divide by the LUT's full output range (2**bits - 1), giving [0, 1] (VOI LUTs).
+    """
+    if "LUTDescriptor" not in item or "LUTData" not in item:
+        raise XwinIOError(f"lookup table without LUTDescriptor/LUTData in {p}")
+    n, first, bits = (int(v) for v in item.LUTDescriptor)
+    n = 65536 if n == 0 else n
+    data = item.LUTData
+    if isinstance(data, (bytes, bytearray)):
+        lut = np.frombuffer(bytes(data), dtype="<u2" if bits > 8 or len(data) >= 2 * n else np.uint8)
+    else:
+        lut = np.asarray(data if not np.isscalar(data) else [data], dtype=np.float64)
+    lut = np.asarray(lut[:n], dtype=np.float64)
+    if lut.size == 0:
+        raise XwinIOError(f"empty VOI LUT in {p}")
+    idx = np.clip(np.round(x).astype(np.int64) - first, 0, lut.size - 1)
+    if not scale:
+        return lut[idx]
+    top = float(2**bits - 1)
+    if lut.max() > top:  # descriptors that understate the bit depth exist in the wild
+        top = float(lut.max())
+    return lut[idx] / top
 
 
 def _dicom_radiograph(p: Path) -> np.ndarray:
@@ -691,12 +721,8 @@ def _dicom_radiograph(p: Path) -> np.ndarray:
     x = arr.astype(np.float64)
 
     # Modality LUT: rescale slope / intercept.
-    if "ModalityLUTSequence" in ds and "RescaleSlope" not in ds:
-        try:
-            from pydicom.pixels import apply_modality_lut
-        except ImportError:  # pydicom 2.x
-            from pydicom.pixel_data_handlers.util import apply_modality_lut
-        x = np.asarray(apply_modality_lut(arr, ds), dtype=np.float64)
+    if "ModalityLUTSequence" in ds and len(ds.ModalityLUTSequence) > 0 and "RescaleSlope" not in ds:
+        x = _apply_lut(x, ds.ModalityLUTSequence[0], p, scale=False)
     else:
         slope = float(getattr(ds, "RescaleSlope", 1.0) or 1.0)
         inter = float(getattr(ds, "RescaleIntercept", 0.0) or 0.0)
@@ -704,14 +730,7 @@ def _dicom_radiograph(p: Path) -> np.ndarray:
 
     # VOI: LUT sequence, else window centre/width, else the full range of the image.
     if "VOILUTSequence" in ds and len(ds.VOILUTSequence) > 0:
-        try:
-            from pydicom.pixels import apply_voi
-        except ImportError:  # pydicom 2.x
-            from pydicom.pixel_data_handlers.util import apply_voi
-        item = ds.VOILUTSequence[0]
-        out = np.asarray(apply_voi(x, ds, 0), dtype=np.float64)
-        bits = int(item.LUTDescriptor[2]) if "LUTDescriptor" in item else 16
-        y = out / float(2**bits - 1)
+        y = _apply_lut(x, ds.VOILUTSequence[0], p)
     elif "WindowCenter" in ds and "WindowWidth" in ds:
         c = float(_first(ds.WindowCenter))
         w = float(_first(ds.WindowWidth))
