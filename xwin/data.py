@@ -293,25 +293,27 @@ def chest_phantom(
     rib_gap = U(21.0, 27.0)
     n_ribs = int(rng.integers(10, 13))
     z_top = lungs[0][0][2] + lungs[0][1][2] * 0.85
+    # In-plane polar quantities about (0, y0), per side (the angle is mirrored for the left side).
+    rho = torch.sqrt(x**2 + (y - y0) ** 2)  # (X, Y, 1)
+    polar = []
+    for side in (+1, -1):
+        phi = torch.atan2((y - y0).expand_as(rho), side * x.expand_as(rho))
+        ring = ring_a * ring_b / torch.sqrt((ring_b * torch.cos(phi)) ** 2 + (ring_a * torch.sin(phi)) ** 2)
+        polar.append((phi, ring))
     for k in range(n_ribs):
         zk = z_top - k * rib_gap + U(-3, 3)
         f = 0.62 + 0.38 * min(1.0, (k + 1) / 4.0)  # thorax narrower at the top
         phi_ant = np.pi / 2 - U(0.45, 0.7) - (0.5 if k < 2 else 0.0)
         drop = U(35, 60) * (0.6 if k < 2 else 1.0)
         zlo, zhi = zk - drop - vert_t, zk + vert_t
-        sl = cv.box((-a, y0 - b, zlo), (a, y0 + b, zhi))
+        sl = (slice(None), slice(None), _slab(cv.axes[2], zlo, zhi))
         if sl[2].stop <= sl[2].start:
             continue
-        xs, ys, zs = cv.sub(sl)
-        for side in (+1, -1):
-            # Angle measured on the patient's side: mirror x for the left side.
-            phi = torch.atan2(ys - y0, side * xs)
+        zs = cv.z[:, :, sl[2]]
+        for phi, ring in polar:
             t = (phi - phi_post) / (phi_ant - phi_post)
-            ca, sa = torch.cos(phi), torch.sin(phi)
-            rho_ring = f * ring_a * ring_b / torch.sqrt((ring_b * ca) ** 2 + (ring_a * sa) ** 2)
-            rho = torch.sqrt(xs**2 + (ys - y0) ** 2)
             z_rib = zk - drop * t.clamp(0, 1) ** 1.3
-            m = (((rho - rho_ring) / rad_t) ** 2 + ((zs - z_rib) / vert_t) ** 2 <= 1.0) & (t >= 0) & (t <= 1)
+            m = (((rho - f * ring) / rad_t) ** 2 + ((zs - z_rib) / vert_t) ** 2 <= 1.0) & (t >= 0) & (t <= 1)
             block = cv.hu[sl]
             block[m] = hu["rib"]
 
