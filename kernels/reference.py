@@ -51,8 +51,14 @@ def ray_chunks(params_b: torch.Tensor, kind: str, rows: int, cols: int, chunk: i
         if kind == "cone":
             S = p[:, 0:3]
             d = P - S
-            m = p[:, 12:21].reshape(-1, 3, 3)
-            length = torch.linalg.vector_norm(torch.einsum("rij,rj->ri", m, d), dim=1)
+            m = p[:, 12:21]
+            dx, dy, dz = d.unbind(1)
+            # world length |M d|, evaluated in the same operation order as the Triton kernels so that both
+            # round alike in float32 (nearly axis-parallel rays amplify last-bit differences)
+            wx = m[:, 0] * dx + m[:, 1] * dy + m[:, 2] * dz
+            wy = m[:, 3] * dx + m[:, 4] * dy + m[:, 5] * dz
+            wz = m[:, 6] * dx + m[:, 7] * dy + m[:, 8] * dz
+            length = torch.sqrt(wx * wx + wy * wy + wz * wz)
             e = d / length[:, None]
             yield start, S, e, torch.zeros_like(length), length
         else:

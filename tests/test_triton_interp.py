@@ -20,29 +20,39 @@ def _volume(shape, seed, dtype=torch.float32, batch=None):
     return (torch.rand(full, generator=g, dtype=torch.float64) + 0.25).to(dtype)
 
 
+def _check(got, ref, tol):
+    if ref.abs().max() == 0:
+        assert torch.count_nonzero(got) == 0
+    else:
+        assert rel_err(got, ref) <= tol
+
+
 @pytest.mark.parametrize("method", ["siddon", "trilinear"])
 def test_random_scenes_forward_and_adjoint(method):
-    # hypothesis inside a parametrised test: one property per method
-    @settings(max_examples=25 if method == "siddon" else 15, deadline=None,
+    """Random cone/parallel scenes (misses, grazing faces, axis-parallel rays, close sources, anisotropic and
+    oblique affines): the kernels equal the reference in float64 (≤ 1e-9) and in float32 (≤ 1e-5).
+
+    Why float32 is compared with the float32 reference: a nearly axis-parallel ray crossing a voxel face at
+    a shallow angle turns a last-bit difference of its position into a visible change of the crossing point
+    (the exact integral really is that sensitive), so float32 results of *any* implementation can differ
+    from float64 by more than 1e-5 on such rays. The float64 run checks the kernels' logic exactly; the
+    float32 run checks the float32 path against a reference rounding the same way.
+    """
+    @settings(max_examples=20 if method == "siddon" else 12, deadline=None,
               suppress_health_check=[HealthCheck.too_slow])
     @given(scenes(max_size=7))
     def prop(scene):
         shape, affine, geom = scene
-        x = _volume(shape, 11)
-        ref = project(x.double(), geom, affine=affine, method=method, backend="torch")
-        got = project(x.to(DEV), geom, affine=affine, method=method, backend="triton")
-        assert got.dtype == torch.float32
-        if ref.abs().max() == 0:
-            assert torch.count_nonzero(got) == 0
-        else:
-            assert rel_err(got, ref) <= 1e-5
         y = _volume((geom.num_views, geom.rows, geom.cols), 12)
-        bref = backproject(y.double(), geom, shape, affine=affine, method=method, backend="torch")
-        bgot = backproject(y.to(DEV), geom, shape, affine=affine, method=method, backend="triton")
-        if bref.abs().max() == 0:
-            assert torch.count_nonzero(bgot) == 0
-        else:
-            assert rel_err(bgot, bref) <= 1e-5
+        for dtype, tol in ((torch.float64, 1e-9), (torch.float32, 1e-5)):
+            x = _volume(shape, 11, dtype)
+            ref = project(x, geom, affine=affine, method=method, backend="torch")
+            got = project(x.to(DEV), geom, affine=affine, method=method, backend="triton")
+            assert got.dtype == dtype
+            _check(got, ref, tol)
+            bref = backproject(y.to(dtype), geom, shape, affine=affine, method=method, backend="torch")
+            bgot = backproject(y.to(dtype).to(DEV), geom, shape, affine=affine, method=method, backend="triton")
+            _check(bgot, bref, tol)
 
     prop()
 
@@ -112,3 +122,17 @@ def test_autograd_through_triton_matches_reference():
     xr = x.detach().double().cpu().requires_grad_()
     (project(xr, g, method="trilinear", backend="torch") * w.double().cpu()).sum().backward()
     assert rel_err(x.grad, xr.grad) <= 1e-5
+
+
+def test_shallow_crossing_regression():
+    """Found by hypothesis: a parallel ray at 0.08° to the y axis crossing an x face. float32 kernel and
+    float32 reference agree; the float64 kernel agrees with the float64 reference."""
+    from xwin.geometry import Geometry
+
+    affine = np.diag([0.7448185, 0.9337486, 1.04897638, 1.0])
+    geom = Geometry.parallel([[0.0010, 1.0000, 0.0000]], [[4.2073, 11.4194, 0.5442]],
+                             [[0.6458, -0.0006, -0.2418]], [[-2.4178e-01, 2.4178e-04, -6.4584e-01]], 3, 5)
+    for dtype, tol in ((torch.float64, 1e-9), (torch.float32, 1e-5)):
+        x = _volume((7, 7, 2), 11, dtype)
+        ref = project(x, geom, affine=affine, backend="torch")
+        assert rel_err(project(x.to(DEV), geom, affine=affine, backend="triton"), ref) <= tol
