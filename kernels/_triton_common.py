@@ -105,3 +105,25 @@ def pixel_tile(pid, ROWS, COLS, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
     rr = tr * BLOCK_R + offs // BLOCK_C
     cc = tc * BLOCK_C + offs % BLOCK_C
     return rr, cc, (rr < ROWS) & (cc < COLS)
+
+
+@triton.jit
+def flat_offsets(b, v, V, rr, cc, ROWS, COLS, NX, NY, NZ, INT64: tl.constexpr):
+    """Offset of volume b's first voxel, and of the pixels (rr, cc) of view v, in int64 when asked."""
+    if INT64:
+        vol_base = b.to(tl.int64) * NX * NY * NZ
+        pix = ((b.to(tl.int64) * V + v) * ROWS + rr) * COLS + cc
+    else:
+        vol_base = b * NX * NY * NZ
+        pix = ((b * V + v) * ROWS + rr) * COLS + cc
+    return vol_base, pix
+
+
+@triton.jit
+def voxel_offset(vol_base, ix, iy, iz, NY, NZ, INT64: tl.constexpr):
+    """Flat offset of voxel (ix, iy, iz) (float or int coordinates) in a C-contiguous (X, Y, Z) volume."""
+    if INT64:
+        off = vol_base + ix.to(tl.int64) * NY * NZ + iy.to(tl.int64) * NZ + iz.to(tl.int64)
+    else:
+        off = vol_base + ix.to(tl.int32) * (NY * NZ) + iy.to(tl.int32) * NZ + iz.to(tl.int32)
+    return off

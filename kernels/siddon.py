@@ -10,7 +10,7 @@ nearest plane crossing. Forward accumulates ``segment × voxel`` in registers; t
 import triton
 import triton.language as tl
 
-from ._triton_common import INF, clip_box, pixel_tile, ray_setup
+from ._triton_common import INF, clip_box, flat_offsets, pixel_tile, ray_setup, voxel_offset
 
 
 @triton.jit
@@ -66,13 +66,7 @@ def siddon_kernel(vol_ptr, params_ptr, proj_ptr, V, ROWS, COLS, NX, NY, NZ,
     tny = (iy + 0.5 * sy - py) * vy + by
     tnz = (iz + 0.5 * sz - pz) * vz + bz
     t = L * 0
-    sy_stride = NY * NZ
-    if INT64:
-        vol_base = b.to(tl.int64) * NX * NY * NZ
-        pix = ((b.to(tl.int64) * V + v) * ROWS + rr) * COLS + cc
-    else:
-        vol_base = b * NX * NY * NZ
-        pix = ((b * V + v) * ROWS + rr) * COLS + cc
+    vol_base, pix = flat_offsets(b, v, V, rr, cc, ROWS, COLS, NX, NY, NZ, INT64)
     active = hit
     if ADJOINT:
         y = tl.load(proj_ptr + pix, mask=hit, other=0.0).to(DTYPE)
@@ -82,10 +76,7 @@ def siddon_kernel(vol_ptr, params_ptr, proj_ptr, V, ROWS, COLS, NX, NY, NZ,
         tmin = tl.minimum(tl.minimum(tnx, tny), tl.minimum(tnz, L))
         seg = tl.maximum(tmin - t, 0.0)
         ok = active & (ix >= 0) & (ix < fnx) & (iy >= 0) & (iy < fny) & (iz >= 0) & (iz < fnz)
-        if INT64:
-            off = vol_base + ix.to(tl.int64) * sy_stride + iy.to(tl.int64) * NZ + iz.to(tl.int64)
-        else:
-            off = vol_base + ix.to(tl.int32) * sy_stride + iy.to(tl.int32) * NZ + iz.to(tl.int32)
+        off = voxel_offset(vol_base, ix, iy, iz, NY, NZ, INT64)
         if ADJOINT:
             tl.atomic_add(vol_ptr + off, seg * y, mask=ok & (seg > 0))
         else:

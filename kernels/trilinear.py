@@ -9,16 +9,13 @@ clips its ray to the support (−1, N) of the zero-padded trilinear interpolant 
 import triton
 import triton.language as tl
 
-from ._triton_common import clip_box, pixel_tile, ray_setup
+from ._triton_common import clip_box, flat_offsets, pixel_tile, ray_setup, voxel_offset
 
 
 @triton.jit
 def _corner(vol_ptr, base, ix, iy, iz, w, ok, NY, NZ, y, acc, ADJOINT: tl.constexpr, INT64: tl.constexpr,
             DTYPE: tl.constexpr):
-    if INT64:
-        off = base + ix.to(tl.int64) * NY * NZ + iy.to(tl.int64) * NZ + iz.to(tl.int64)
-    else:
-        off = base + ix.to(tl.int32) * (NY * NZ) + iy.to(tl.int32) * NZ + iz.to(tl.int32)
+    off = voxel_offset(base, ix, iy, iz, NY, NZ, INT64)
     if ADJOINT:
         tl.atomic_add(vol_ptr + off, w * y, mask=ok & (w != 0))
     else:
@@ -48,12 +45,7 @@ def trilinear_kernel(vol_ptr, params_ptr, proj_ptr, dt_ptr, V, ROWS, COLS, NX, N
     pz = oz + t0 * ez
     nsamp = tl.where(hit, tl.ceil(L / dt).to(tl.int32) + 1, 0)
     kmax = tl.max(nsamp, axis=0)
-    if INT64:
-        vol_base = b.to(tl.int64) * NX * NY * NZ
-        pix = ((b.to(tl.int64) * V + v) * ROWS + rr) * COLS + cc
-    else:
-        vol_base = b * NX * NY * NZ
-        pix = ((b * V + v) * ROWS + rr) * COLS + cc
+    vol_base, pix = flat_offsets(b, v, V, rr, cc, ROWS, COLS, NX, NY, NZ, INT64)
     if ADJOINT:
         y = tl.load(proj_ptr + pix, mask=hit, other=0.0).to(DTYPE) * dt
     else:
