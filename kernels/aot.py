@@ -44,6 +44,12 @@ def _projector_specs():
         specs.append(dict(name=f"trilinear cone={cone} adjoint={adj} vol={vt} int64={i64}", fn=trilinear_kernel,
                           signature={"vol_ptr": vt, "params_ptr": ct, "proj_ptr": ct, "dt_ptr": ct, **ints},
                           constexprs=const))
+    # Triton's JIT turns integer arguments equal to 1 into constexprs (a 1-view geometry, a one-slice
+    # volume, a single detector row): compile that specialisation too
+    for base in [s for s in specs if not s["constexprs"]["INT64"] and s["signature"]["vol_ptr"] == "*fp32"]:
+        sig = {k: t for k, t in base["signature"].items() if k not in ints}
+        const = dict(base["constexprs"], **{k: 1 for k in ints})
+        specs.append(dict(base, name=base["name"] + " all-sizes=1", signature=sig, constexprs=const))
     return specs
 
 

@@ -22,9 +22,11 @@ def siddon_kernel(vol_ptr, params_ptr, proj_ptr, V, ROWS, COLS, NX, NY, NZ,
     b = tl.program_id(2)
     rr, cc, pmask = pixel_tile(pid, ROWS, COLS, BLOCK_R, BLOCK_C)
     ox, oy, oz, ex, ey, ez, tlo, thi = ray_setup(params_ptr, b, v, V, rr, cc, ROWS, COLS, IS_CONE, DTYPE)
-    fnx = NX.to(DTYPE)
-    fny = NY.to(DTYPE)
-    fnz = NZ.to(DTYPE)
+    # (sizes equal to 1 arrive as Python constexprs under Triton's JIT specialisation: no .to() on them)
+    zero = tl.zeros([BLOCK_R * BLOCK_C], DTYPE)
+    fnx = zero + NX
+    fny = zero + NY
+    fnz = zero + NZ
     t0, t1 = clip_box(ox, oy, oz, ex, ey, ez, -0.5, fnx, fny, fnz, -0.5, tlo, thi, True)
     hit = pmask & (t1 > t0)
     L = tl.where(hit, t1 - t0, 0.0)

@@ -33,9 +33,11 @@ def trilinear_kernel(vol_ptr, params_ptr, proj_ptr, dt_ptr, V, ROWS, COLS, NX, N
     rr, cc, pmask = pixel_tile(pid, ROWS, COLS, BLOCK_R, BLOCK_C)
     ox, oy, oz, ex, ey, ez, tlo, thi = ray_setup(params_ptr, b, v, V, rr, cc, ROWS, COLS, IS_CONE, DTYPE)
     dt = tl.load(dt_ptr + b).to(DTYPE)
-    fnx = NX.to(DTYPE)
-    fny = NY.to(DTYPE)
-    fnz = NZ.to(DTYPE)
+    # (sizes equal to 1 arrive as Python constexprs under Triton's JIT specialisation: no .to() on them)
+    zero = tl.zeros([BLOCK_R * BLOCK_C], DTYPE)
+    fnx = zero + NX
+    fny = zero + NY
+    fnz = zero + NZ
     t0, t1 = clip_box(ox, oy, oz, ex, ey, ez, -1.0, fnx, fny, fnz, 0.0, tlo, thi, False)
     hit = pmask & (t1 > t0)
     L = tl.where(hit, t1 - t0, 0.0)
