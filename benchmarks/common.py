@@ -188,8 +188,9 @@ def count_work(g, affine: np.ndarray, shape, step_mm: float) -> dict:
     N = torch.tensor(shape, dtype=torch.float64)
     t0, t1 = _clip(o, e, -0.5 * torch.ones(3, dtype=torch.float64), N - 0.5, L)
     hit = t1 > t0
-    q0 = o + t0[:, None] * e
-    q1 = o + t1[:, None] * e
+    eps = 1e-6 * (t1 - t0).clamp(min=0)           # evaluate just inside, not on the entry/exit planes
+    q0 = o + (t0 + eps)[:, None] * e
+    q1 = o + (t1 - eps)[:, None] * e
     crossings = (torch.floor(q1 + 0.5) - torch.floor(q0 + 0.5)).abs().sum(1)
     segments = float(((crossings + 1) * hit).sum())
     s0, s1 = _clip(o, e, -torch.ones(3, dtype=torch.float64), N, L)

@@ -1,0 +1,113 @@
+"""The DRR speed benchmark as a CI smoke test: `drr_speed.py --quick` runs, checks against the reference,
+and writes sane numbers; plus the helpers its numbers rest on (row subsets, work counts, peer camera)."""
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO / "benchmarks"))
+import common as C  # noqa: E402
+
+from xwin.geometry import xwin_pose  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench")
+    p = subprocess.run([sys.executable, str(REPO / "benchmarks" / "drr_speed.py"), "--quick", "--threads", "1",
+                        "--out", str(out)], capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
+    return out, p.stdout
+
+
+def test_quick_writes_json_and_markdown(quick_run):
+    out, stdout = quick_run
+    data = json.loads((out / "drr_speed_quick_cpu.json").read_text())
+    md = (out / "drr_speed_quick_cpu.md").read_text()
+    assert "| xwin-torch | siddon | fwd |" in md
+    meta = data["meta"]
+    assert meta["dtype"] == "float32" and meta["device"] == "cpu"
+    assert meta["env"]["torch"] == torch.__version__
+    assert meta["ct"]["shape"] == [128, 128, 133]
+    assert meta["copy_bandwidth_gbs"] > 0
+    assert "wrote" in stdout
+
+
+def test_quick_numbers_are_sane_and_checked(quick_run):
+    out, _ = quick_run
+    results = json.loads((out / "drr_speed_quick_cpu.json").read_text())["results"]
+    xwin = [r for r in results if r["case"]["impl"] == "xwin-torch"]
+    assert len(xwin) == 5
+    for r in results:
+        c = r["case"]
+        if c["impl"] in ("diffdrr", "nanodrr") and "skipped" in r:
+            assert r["skipped"] and "\n" not in r["skipped"]          # a one-line reason
+            continue
+        assert "error" not in r and "skipped" not in r, r
+        # checked against the float64 reference before timing, and passed
+        assert r["check_passed"] is True, r
+        assert r["finite"] is True
+        assert 0 <= r["rel_err_fwd"] <= r["tolerance"][0]
+        if c["mode"] == "fwdbwd":
+            assert math.isfinite(r["rel_err_grad"])
+            if r["tolerance"][1] is not None:
+                assert r["rel_err_grad"] <= r["tolerance"][1]
+        assert len(r["times_s"]) >= 2
+        for key in ("median_s", "drrs_per_s", "rays_per_s", "samples_per_s", "peak_mem_mb", "bound_s",
+                    "gathered_gb_per_s"):
+            assert math.isfinite(r[key]) and r[key] > 0, (key, r[key])
+        assert all(math.isfinite(t) and t > 0 for t in r["times_s"])
+        assert r["peak_mem_mb"] >= r["base_mem_mb"] > 0
+        n = r["counts"]
+        assert n["rays"] == c["views"] * c["size"] ** 2
+        assert n["rays"] >= n["rays_hit"] > 0
+        assert n["siddon_segments"] >= n["rays_hit"]
+        assert math.isclose(r["drrs_per_s"] * r["median_s"], c["vols"] * c["views"])
+
+
+def test_row_subset_keeps_the_selected_pixels():
+    g = xwin_pose(torch.tensor([0.0, 30.0]), 5.0, 0.0, size=37, pixel_size=3.0, isocenter=(1.0, 2.0, 3.0))
+    for every in (1, 4, 16):
+        sub = C.row_subset(g, every)
+        assert torch.allclose(sub.pixel_positions(), g.pixel_positions()[:, ::every], atol=1e-9)
+
+
+def test_siddon_segment_count_matches_the_voxel_walk():
+    from xwin.kernels import reference as R
+    from xwin.kernels._prep import affine_batch, ray_params
+
+    shape = (20, 17, 9)
+    aff = np.diag([1.5, 1.2, 2.5, 1.0])
+    aff[:3, 3] = [-14.0, -9.0, -10.0]
+    g = xwin_pose(torch.tensor([10.0, 75.0]), 12.0, 3.0, size=24, pixel_size=1.5)
+    prm = ray_params(g, affine_batch(aff, 1))[0]
+    walked = 0
+    for _, o, e, tlo, thi in R.ray_chunks(prm, "cone", g.rows, g.cols, 1 << 16):
+        for _, _, seg in R.siddon_walk(o, e, tlo, thi, shape):
+            walked += int((seg > 0).sum())
+    counted = C.count_work(g, aff, shape, 1.0)["siddon_segments"]
+    assert walked > 0
+    assert abs(counted - walked) <= 0.002 * walked
+
+
+def test_diffdrr_pose_renders_the_same_rays():
+    if C.peer_available("diffdrr"):
+        pytest.skip(C.peer_available("diffdrr"))
+    from xwin.kernels import project
+
+    g = xwin_pose(torch.tensor([-40.0, 0.0, 65.0]), 0.0, 0.0, size=24, pixel_size=9.0, isocenter=(0, 0, 0))
+    mu = torch.rand(30, 26, 20, generator=torch.Generator().manual_seed(0)) * 0.02
+    aff = np.diag([4.0, 4.0, 5.0, 1.0])
+    aff[:3, 3] = [-58.0, -50.0, -47.5]
+    ct = C.CT(mu, aff, "random")
+    dd = C.DiffDRRRenderer(ct, g, "siddon", torch.device("cpu"))
+    assert dd.check_rays(g) < 1e-3                                      # mm
+    ref = project(mu.double(), g, affine=aff, method="siddon", backend="torch")
+    assert C.rel_err(dd(dd.pose(g)), ref) < 1e-4
