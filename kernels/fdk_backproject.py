@@ -1,0 +1,324 @@
+"""Voxel-driven weighted backprojection (the backprojection step of FDK / FBP): Triton kernel + torch reference.
+
+Contract (shared by :func:`backproject_reference` and the Triton kernel, tested against each other):
+
+* ``q``: filtered projections, ``(V, rows, cols)`` or ``(B, V, rows, cols)``, float32 or float64; every
+  per-view / per-pixel factor (pre-weights, redundancy weights, angular step, filter scale) is already in.
+* ``mats``: ``(V, 3, 4)`` per-view matrices (see :func:`view_matrices`) that map a voxel's *index-space*
+  homogeneous coordinates ``(i, j, k, 1)`` to ``(col·w, row·w, w)``: the voxel centre projects onto
+  detector pixel coordinates ``(row, col)`` (pixel centres at integers, as in :class:`xwin.geometry.Geometry`)
+  and ``w`` is, for cone beam, the distance in mm from the source to the voxel measured along the detector
+  normal (``w ≡ 1`` for parallel beam).
+* output ``(X, Y, Z)`` / ``(B, X, Y, Z)``: for every voxel ``Σ_v bilinear(q[v], row, col) · g(w)`` with
+  ``g(w) = 1/w²`` when ``distance_weight`` (the FDK weight) and ``g = 1`` otherwise. Bilinear interpolation
+  of the pixel centres with zero padding outside the detector; views in which the voxel lies at or behind
+  the source plane (``w ≤ 0``) contribute nothing.
+
+The kernel: one program per tile of ``BLOCK`` consecutive voxels (flat index, z fastest) of one volume of
+the batch; it loops over all views, projects its voxel centres, gathers four taps per voxel and accumulates in
+registers; every voxel is written exactly once (no atomics). The matrices make it work for any vector
+geometry; whether the *weights* in ``q`` are right for that geometry is the caller's business (FDK's
+are derived for a circular orbit, see :mod:`xwin.reconstruct.filters`).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from typing import Optional, Sequence
+
+import numpy as np
+import torch
+
+from xwin.geometry import Geometry
+
+__all__ = ["view_matrices", "fdk_backproject", "backproject_reference", "backproject_triton", "AOT_SPECS",
+           "BLOCK", "NUM_WARPS"]
+
+BLOCK = 256
+NUM_WARPS = 4
+_INT32_MAX = 2**31 - 1
+
+
+class FDKBackprojectError(ValueError):
+    """Bad input to the FDK backprojection (shapes, dtypes, devices)."""
+
+
+# ---------------------------------------------------------------------------------------- geometry -> matrices
+
+def view_matrices(geometry: Geometry, affine=None) -> torch.Tensor:
+    """Per-view (V, 3, 4) float64 matrices: index-space ``(i, j, k, 1)`` → ``(col·w, row·w, w)``.
+
+    Cone beam: the ray source→voxel meets the detector plane at ``P``; ``P − center = a·u + b·v`` gives
+    ``col = (cols−1)/2 + a``, ``row = (rows−1)/2 + b`` (a dual basis of u, v handles non-orthogonal
+    detectors) and ``w = n·(X − S)`` with ``n`` the unit detector normal pointing away from the source.
+    Parallel beam: ``P`` is where the line through the voxel along ``direction`` meets the detector; ``w = 1``.
+    """
+    if not isinstance(geometry, Geometry):
+        raise FDKBackprojectError(f"geometry must be an xwin.geometry.Geometry, got {type(geometry).__name__}")
+    g = geometry.to("cpu")
+    A = torch.eye(4, dtype=torch.float64) if affine is None else torch.as_tensor(
+        np.asarray(affine.detach().cpu() if isinstance(affine, torch.Tensor) else affine, dtype=np.float64))
+    if A.shape != (4, 4):
+        raise FDKBackprojectError(f"affine must be (4, 4), got {tuple(A.shape)}")
+    C, u, v = g.center, g.u, g.v
+    V = g.num_views
+    # dual basis (u*, v*) of the detector plane: u*·u = 1, u*·v = 0, v*·u = 0, v*·v = 1, both in span(u, v)
+    G = torch.stack([torch.stack([(u * u).sum(1), (u * v).sum(1)], -1),
+                     torch.stack([(v * u).sum(1), (v * v).sum(1)], -1)], -2)            # (V,2,2)
+    Gi = torch.linalg.inv(G)
+    us = Gi[:, 0, 0, None] * u + Gi[:, 0, 1, None] * v
+    vs = Gi[:, 1, 0, None] * u + Gi[:, 1, 1, None] * v
+    n = torch.cross(u, v, dim=1)
+    n = n / n.norm(dim=1, keepdim=True)
+    c0, r0 = (g.cols - 1) / 2.0, (g.rows - 1) / 2.0
+    dot = lambda a, b: (a * b).sum(1)
+    M = torch.zeros(V, 3, 4, dtype=torch.float64)
+    if g.kind == "cone":
+        S = g.source
+        n = n * torch.sign(dot(n, C - S))[:, None]                      # point from source to detector
+        h = dot(n, C - S)                                               # source-detector distance (mm)
+        # w(X) = n·X − n·S ;  col·w = (c0 + u*·(S−C))·w + h·u*·(X − S)
+        M[:, 2, :3] = n
+        M[:, 2, 3] = -dot(n, S)
+        for row, (dual, off) in enumerate(((us, c0), (vs, r0))):
+            k = off + dot(dual, S - C)
+            M[:, row, :3] = k[:, None] * n + h[:, None] * dual
+            M[:, row, 3] = -k * dot(n, S) - h * dot(dual, S)
+    else:
+        d = g.direction / g.direction.norm(dim=1, keepdim=True)
+        nd = dot(n, d)
+        # P = X + t d with t = n·(C − X)/(n·d);  a = u*·(X − C) + (u*·d)(n·(C − X))/(n·d)
+        for row, (dual, off) in enumerate(((us, c0), (vs, r0))):
+            k = dot(dual, d) / nd
+            lin = dual - k[:, None] * n
+            M[:, row, :3] = lin
+            M[:, row, 3] = off - dot(lin, C)
+        M[:, 2, 3] = 1.0
+    return M @ A                                                        # compose with voxel index -> world
+
+
+# ---------------------------------------------------------------------------------------- checks
+
+def _check(q: torch.Tensor, mats: torch.Tensor, volume_shape: Sequence[int]):
+    if not isinstance(q, torch.Tensor):
+        raise FDKBackprojectError(f"projections must be a torch.Tensor, got {type(q).__name__}")
+    if q.ndim not in (3, 4):
+        raise FDKBackprojectError(f"projections must be (V, rows, cols) or (B, V, rows, cols), got {tuple(q.shape)}")
+    if q.dtype not in (torch.float32, torch.float64):
+        raise FDKBackprojectError(f"projections must be float32 or float64, got {q.dtype}")
+    if q.numel() == 0:
+        raise FDKBackprojectError(f"projections are empty: {tuple(q.shape)}")
+    q4 = q.unsqueeze(0) if q.ndim == 3 else q
+    mats = torch.as_tensor(mats)
+    if mats.ndim != 3 or mats.shape[1:] != (3, 4) or mats.shape[0] != q4.shape[1]:
+        raise FDKBackprojectError(f"mats must be (V, 3, 4) with V = {q4.shape[1]} views, got {tuple(mats.shape)}")
+    if not torch.isfinite(mats).all():
+        raise FDKBackprojectError("mats contain NaN or Inf")
+    shape = tuple(int(s) for s in volume_shape)
+    if len(shape) != 3 or min(shape) < 1:
+        raise FDKBackprojectError(f"volume_shape must be three positive sizes, got {tuple(volume_shape)}")
+    return q4, q.ndim == 3, mats, shape
+
+
+# ---------------------------------------------------------------------------------------- torch reference
+
+def backproject_reference(q: torch.Tensor, mats: torch.Tensor, volume_shape: Sequence[int], *,
+                          distance_weight: bool = True, progress=None, budget: int = 1 << 21) -> torch.Tensor:
+    """Plain-torch implementation of the contract (any device), built on ``grid_sample``.
+
+    The views are laid out as tiles of one mosaic image, each tile the projection with a one-pixel zero
+    border; voxel centres are mapped through all matrices with one GEMM per block of voxels, clamped into
+    their tile's border (so nothing bleeds between tiles) and sampled with one bilinear ``grid_sample``
+    (align_corners=True): exactly the zero-padded bilinear interpolant of the contract. ``budget`` bounds
+    voxels × views per block (memory); ``progress(n)`` is called with the (fractional) number of views done.
+    """
+    import torch.nn.functional as F
+
+    q4, squeeze, mats, (X, Y, Z) = _check(q, mats, volume_shape)
+    B, V, R, C = q4.shape
+    dev, dt = q4.device, q4.dtype
+    TC = int(math.ceil(math.sqrt(V)))
+    TR = int(math.ceil(V / TC))
+    H, W = TR * (R + 2), TC * (C + 2)
+    mosaic = torch.zeros(B, TR * TC, R + 2, C + 2, device=dev, dtype=dt)
+    mosaic[:, :V, 1:-1, 1:-1] = q4
+    mosaic = mosaic.view(B, TR, TC, R + 2, C + 2).permute(0, 1, 3, 2, 4).reshape(1, B, H, W)
+    v = torch.arange(V, device=dev)
+    sx, sy = 2.0 / max(W - 1, 1), 2.0 / max(H - 1, 1)
+    offx = ((v % TC) * (C + 2) + 1).to(dt) * sx - 1.0                       # (V,) tile origin, normalised
+    offy = ((v // TC) * (R + 2) + 1).to(dt) * sy - 1.0
+    mt = mats.to(device=dev, dtype=dt).permute(2, 0, 1).reshape(4, V * 3).contiguous()   # (4, 3V)
+    nvox = X * Y * Z
+    out = torch.zeros(B, nvox, device=dev, dtype=dt)
+    nchunk = max(1, min(nvox, budget // V))
+    for n0 in range(0, nvox, nchunk):
+        n1 = min(nvox, n0 + nchunk)
+        flat = torch.arange(n0, n1, device=dev)
+        ijk = torch.stack([flat // (Y * Z), (flat // Z) % Y, flat % Z], 1).to(dt)
+        h = torch.addmm(mt[3], ijk, mt[:3]).view(n1 - n0, V, 3)            # (Nc, V, 3)
+        w = h[..., 2]
+        winv = w.reciprocal()
+        behind = w <= 0
+        any_behind = bool(behind.any())                                      # voxel at/behind a source
+        if any_behind:
+            winv = winv.masked_fill(behind, 0.0)
+        grid = torch.empty(1, n1 - n0, V, 2, device=dev, dtype=dt)
+        col = torch.mul(h[..., 0], winv).clamp_(-1.0, float(C))
+        row = torch.mul(h[..., 1], winv).clamp_(-1.0, float(R))
+        if any_behind:
+            col.masked_fill_(behind, -1.0)
+        torch.add(offx, col, alpha=sx, out=grid[0, ..., 0])
+        torch.add(offy, row, alpha=sy, out=grid[0, ..., 1])
+        vals = F.grid_sample(mosaic, grid, mode="bilinear", padding_mode="zeros", align_corners=True)[0]
+        if distance_weight:
+            out[:, n0:n1] = (vals * winv.square_()).sum(-1)                 # vals: (B, Nc, V)
+        else:
+            out[:, n0:n1] = vals.sum(-1)                                    # behind-source taps sit on zeros
+        if progress is not None:
+            progress(V * (n1 - n0) / nvox)
+    out = out.reshape(B, X, Y, Z)
+    return out[0] if squeeze else out
+
+
+# ---------------------------------------------------------------------------------------- Triton kernel
+
+try:
+    import triton
+    import triton.language as tl
+except Exception:  # pragma: no cover - triton is a dependency, but keep the reference usable without it
+    triton = None
+
+if triton is not None:
+    @triton.jit
+    def fdk_backproject_kernel(q_ptr, mat_ptr, out_ptr, V, ROWS, COLS, NX, NY, NZ,
+                               DIST_WEIGHT: tl.constexpr, DTYPE: tl.constexpr, INT64: tl.constexpr,
+                               BLOCK: tl.constexpr):
+        pid = tl.program_id(0)
+        b = tl.program_id(1)
+        offs = tl.arange(0, BLOCK)
+        if INT64:
+            flat = pid.to(tl.int64) * BLOCK + offs
+            nvox = NX.to(tl.int64) * NY * NZ
+            plane = ROWS.to(tl.int64) * COLS
+            bb = b.to(tl.int64)
+        else:
+            flat = pid * BLOCK + offs
+            nvox = NX * NY * NZ
+            plane = ROWS * COLS
+            bb = b
+        vmask = flat < nvox
+        kk = flat % NZ
+        ij = flat // NZ
+        jj = ij % NY
+        ii = ij // NY
+        fi = ii.to(DTYPE)
+        fj = jj.to(DTYPE)
+        fk = kk.to(DTYPE)
+        fcols = COLS.to(DTYPE)
+        frows = ROWS.to(DTYPE)
+        acc = tl.zeros([BLOCK], dtype=DTYPE)
+        qb = q_ptr + bb * V * plane
+        for v in range(0, V):
+            mp = mat_ptr + v * 12
+            w = tl.load(mp + 8).to(DTYPE) * fi + tl.load(mp + 9).to(DTYPE) * fj \
+                + tl.load(mp + 10).to(DTYPE) * fk + tl.load(mp + 11).to(DTYPE)
+            cn = tl.load(mp + 0).to(DTYPE) * fi + tl.load(mp + 1).to(DTYPE) * fj \
+                + tl.load(mp + 2).to(DTYPE) * fk + tl.load(mp + 3).to(DTYPE)
+            rn = tl.load(mp + 4).to(DTYPE) * fi + tl.load(mp + 5).to(DTYPE) * fj \
+                + tl.load(mp + 6).to(DTYPE) * fk + tl.load(mp + 7).to(DTYPE)
+            ok = w > 0
+            winv = tl.where(ok, 1.0 / tl.where(ok, w, 1.0), 0.0)
+            c = tl.minimum(tl.maximum(cn * winv, -2.0), fcols + 1.0)
+            r = tl.minimum(tl.maximum(rn * winv, -2.0), frows + 1.0)
+            c0 = tl.floor(c)
+            r0 = tl.floor(r)
+            fc = c - c0
+            fr = r - r0
+            ic = c0.to(tl.int32)
+            ir = r0.to(tl.int32)
+            okc0 = (ic >= 0) & (ic < COLS)
+            okc1 = (ic + 1 >= 0) & (ic + 1 < COLS)
+            okr0 = vmask & (ir >= 0) & (ir < ROWS)
+            okr1 = vmask & (ir + 1 >= 0) & (ir + 1 < ROWS)
+            if INT64:
+                base = qb + v * plane + ir.to(tl.int64) * COLS + ic      # plane is int64 here
+            else:
+                base = qb + v * plane + ir * COLS + ic
+            q00 = tl.load(base, mask=okr0 & okc0, other=0.0).to(DTYPE)
+            q01 = tl.load(base + 1, mask=okr0 & okc1, other=0.0).to(DTYPE)
+            q10 = tl.load(base + COLS, mask=okr1 & okc0, other=0.0).to(DTYPE)
+            q11 = tl.load(base + COLS + 1, mask=okr1 & okc1, other=0.0).to(DTYPE)
+            val = (1.0 - fr) * ((1.0 - fc) * q00 + fc * q01) + fr * ((1.0 - fc) * q10 + fc * q11)
+            if DIST_WEIGHT:
+                acc += val * (winv * winv)
+            else:
+                acc += tl.where(ok, val, 0.0)
+        tl.store(out_ptr + bb * nvox + flat, acc, mask=vmask)
+
+    def _aot_specs():
+        specs = []
+        for (pt, dt) in (("*fp32", tl.float32), ("*fp64", tl.float64)):
+            for dw in (True, False):
+                for i64 in (False, True):
+                    specs.append(dict(
+                        name=f"fdk_backproject dist_weight={dw} dtype={pt[1:]} int64={i64}",
+                        fn=fdk_backproject_kernel,
+                        signature={"q_ptr": pt, "mat_ptr": pt, "out_ptr": pt, "V": "i32", "ROWS": "i32",
+                                   "COLS": "i32", "NX": "i32", "NY": "i32", "NZ": "i32"},
+                        constexprs=dict(DIST_WEIGHT=dw, DTYPE=dt, INT64=i64, BLOCK=BLOCK),
+                        num_warps=NUM_WARPS))
+        return specs
+
+    #: Variants compiled ahead of time by ``python -m xwin.kernels.aot`` (see kernels/aot.py).
+    AOT_SPECS = _aot_specs()
+else:  # pragma: no cover
+    AOT_SPECS = []
+
+
+def _triton_runs_on(device: torch.device) -> bool:
+    if triton is None:
+        return False
+    if device.type == "cuda":
+        return True
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def backproject_triton(q: torch.Tensor, mats: torch.Tensor, volume_shape: Sequence[int], *,
+                       distance_weight: bool = True) -> torch.Tensor:
+    """The Triton kernel (CUDA tensors, or any tensor under ``TRITON_INTERPRET=1``) with the same contract."""
+    q4, squeeze, mats, (X, Y, Z) = _check(q, mats, volume_shape)
+    if not _triton_runs_on(q4.device):
+        raise FDKBackprojectError(f"the Triton kernel needs a CUDA tensor (or TRITON_INTERPRET=1 set before "
+                                  f"importing triton); projections are on {q4.device}")
+    B, V, R, C = q4.shape
+    if B > 65535:
+        raise FDKBackprojectError(f"at most 65535 volumes per launch, got B={B}")
+    dt = q4.dtype
+    tdt = tl.float64 if dt == torch.float64 else tl.float32
+    qc = q4.contiguous()
+    m = mats.to(device=q4.device, dtype=dt).contiguous()
+    nvox = X * Y * Z
+    out = torch.empty(B, X, Y, Z, device=q4.device, dtype=dt)
+    int64 = max(B * nvox, B * V * R * C) + BLOCK > _INT32_MAX
+    grid = (triton.cdiv(nvox, BLOCK), B)
+    fdk_backproject_kernel[grid](qc, m, out, V, R, C, X, Y, Z, DIST_WEIGHT=bool(distance_weight), DTYPE=tdt,
+                                 INT64=int64, BLOCK=BLOCK, num_warps=NUM_WARPS)
+    return out[0] if squeeze else out
+
+
+def fdk_backproject(q: torch.Tensor, mats: torch.Tensor, volume_shape: Sequence[int], *,
+                    distance_weight: bool = True, backend: str = "auto", progress=None) -> torch.Tensor:
+    """Weighted voxel-driven backprojection; ``backend`` "auto" (Triton for CUDA tensors, else torch),
+    "triton" or "torch". See the module docstring for the contract."""
+    if backend not in ("auto", "triton", "torch"):
+        raise FDKBackprojectError(f"backend must be 'auto', 'triton' or 'torch', got {backend!r}")
+    dev = q.device if isinstance(q, torch.Tensor) else torch.device("cpu")
+    if backend == "auto":
+        backend = "triton" if dev.type == "cuda" and triton is not None else "torch"
+    if backend == "triton":
+        out = backproject_triton(q, mats, volume_shape, distance_weight=distance_weight)
+        if progress is not None:
+            progress(q.shape[-3])
+        return out
+    return backproject_reference(q, mats, volume_shape, distance_weight=distance_weight, progress=progress)
