@@ -610,6 +610,9 @@ def main(argv=None):
         device = "cuda" if torch.cuda.is_available() else "cpu"
     else:
         device = args.device
+    if device == "cuda" and not torch.cuda.is_available():
+        print("--device cuda: torch sees no CUDA device here; nothing measured")
+        return 3
     name = args.preset or ("quick" if args.quick else ("gpu" if device == "cuda" else "cpu"))
     cases = preset(name, device, args.all)
     if args.only:
