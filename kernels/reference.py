@@ -122,7 +122,9 @@ def siddon_walk(o, e, tlo, thi, shape) -> Iterator[Tuple[torch.Tensor, torch.Ten
         tmin = torch.minimum(torch.minimum(tnx, tny), torch.minimum(tnz, L))
         seg = (tmin - t).clamp_(min=0.0)
         ok = (ix >= 0) & (ix < nxf) & (iy >= 0) & (iy < nyf) & (iz >= 0) & (iz < nzf)
-        flat = ((ix.clamp(0, nxf - 1) * sY + iy.clamp(0, nyf - 1) * sZ + iz.clamp(0, nzf - 1))).long()
+        # integer arithmetic: float32 cannot index past 2^24 voxels
+        flat = (ix.clamp(0, nxf - 1).long() * sY + iy.clamp(0, nyf - 1).long() * sZ
+                + iz.clamp(0, nzf - 1).long())
         yield ids, flat, seg * ok
         mx = (tnx <= tny) & (tnx <= tnz)           # ties: lowest axis first (the kernels do the same)
         my = ~mx & (tny <= tnz)
@@ -182,12 +184,12 @@ def trilinear_samples(o, e, tlo, thi, shape, dt: float):
         # corner index = (base+da)*sY + ... ; clamp each coordinate so weight-0 corners stay in range
         out_idx, out_w = [], []
         for da in (0, 1):
-            ia = (bases[0] + da).clamp(0, X - 1) * sY
+            ia = (bases[0] + da).clamp(0, X - 1).long() * sY
             for db in (0, 1):
-                ib = ia + (bases[1] + db).clamp(0, Y - 1) * sZ
+                ib = ia + (bases[1] + db).clamp(0, Y - 1).long() * sZ
                 wab = ws[0][da] * ws[1][db]
                 for dc in (0, 1):
-                    out_idx.append((ib + (bases[2] + dc).clamp(0, Z - 1)).long())
+                    out_idx.append(ib + (bases[2] + dc).clamp(0, Z - 1).long())
                     out_w.append(wab * ws[2][dc] * inside)
         yield ids, out_idx, out_w
 

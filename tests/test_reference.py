@@ -199,3 +199,17 @@ def test_geometry_errors():
         Geometry.cone(np.zeros((2, 3)) + [0, 0, 10], np.zeros((3, 3)), [1, 0, 0], [0, 1, 0], 2, 2)
     with pytest.raises(GeometryError, match="at least one"):
         Geometry.cone([0, 0, 10], [0, 0, 0], [1, 0, 0], [0, 1, 0], 0, 2)
+
+
+@pytest.mark.parametrize("method", ["siddon", "trilinear"])
+def test_volumes_past_2_to_the_24_voxels(method):
+    """Flat indices past 2^24 (float32's integer limit) and near the end of a 17.6 M-voxel volume."""
+    vol = torch.zeros(260, 260, 260)
+    vol[258, 255:258, 100:103] = 1.0                 # flat index ≈ 17.4 M
+    # a parallel ray along y through voxel (258, *, 101): crosses the 3-voxel block -> 3 mm (Siddon)
+    g = Geometry.parallel([0, 1, 0], [258.0, 130.0, 101.0], [1, 0, 0], [0, 0, 1], 1, 1)
+    p = project(vol, g, method=method, step=0.05)
+    assert p.item() == pytest.approx(3.0, rel=2e-2 if method == "trilinear" else 1e-6)
+    bp = backproject(torch.ones(1, 1, 1), g, vol.shape, method=method, step=0.05)
+    assert bp[258, 255:258, 101].sum().item() == pytest.approx(3.0, rel=2e-2 if method == "trilinear" else 1e-6)
+    assert bp[258, 100:200, 101].sum().item() == pytest.approx(100.0, rel=1e-3)
