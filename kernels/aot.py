@@ -44,13 +44,22 @@ def _projector_specs():
         specs.append(dict(name=f"trilinear cone={cone} adjoint={adj} vol={vt} int64={i64}", fn=trilinear_kernel,
                           signature={"vol_ptr": vt, "params_ptr": ct, "proj_ptr": ct, "dt_ptr": ct, **ints},
                           constexprs=const))
-    # Triton's JIT turns integer arguments equal to 1 into constexprs (a 1-view geometry, a one-slice
-    # volume, a single detector row): compile that specialisation too
-    for base in [s for s in specs if not s["constexprs"]["INT64"] and s["signature"]["vol_ptr"] == "*fp32"]:
-        sig = {k: t for k, t in base["signature"].items() if k not in ints}
-        const = dict(base["constexprs"], **{k: 1 for k in ints})
-        specs.append(dict(base, name=base["name"] + " all-sizes=1", signature=sig, constexprs=const))
     return specs
+
+
+def _with_size_one(specs):
+    """Triton's JIT turns integer arguments equal to 1 into constexprs (a 1-view geometry, a one-slice
+    volume, a single detector row): add that specialisation of every int32, float32 variant."""
+    extra = []
+    for base in specs:
+        sig = base["signature"]
+        if base["constexprs"].get("INT64") or next(iter(sig.values())) != "*fp32":
+            continue
+        ints = [k for k, t in sig.items() if t == "i32"]
+        extra.append(dict(base, name=base["name"] + " all-sizes=1",
+                          signature={k: t for k, t in sig.items() if k not in ints},
+                          constexprs=dict(base["constexprs"], **{k: 1 for k in ints})))
+    return specs + extra
 
 
 def kernel_specs():
@@ -61,7 +70,7 @@ def kernel_specs():
         except ImportError:
             continue
         specs.extend(getattr(m, "AOT_SPECS", []))
-    return specs
+    return _with_size_one(specs)
 
 
 def compile_spec(spec, cc: int):

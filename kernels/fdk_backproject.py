@@ -199,9 +199,10 @@ if triton is not None:
         offs = tl.arange(0, BLOCK)
         if INT64:
             flat = pid.to(tl.int64) * BLOCK + offs
-            nvox = NX.to(tl.int64) * NY * NZ
-            plane = ROWS.to(tl.int64) * COLS
             bb = b.to(tl.int64)
+            # (sizes equal to 1 arrive as Python constexprs under the JIT's specialisation: no .to())
+            nvox = (bb * 0 + NX) * NY * NZ
+            plane = (bb * 0 + ROWS) * COLS
         else:
             flat = pid * BLOCK + offs
             nvox = NX * NY * NZ
@@ -215,8 +216,8 @@ if triton is not None:
         fi = ii.to(DTYPE)
         fj = jj.to(DTYPE)
         fk = kk.to(DTYPE)
-        fcols = COLS.to(DTYPE)
-        frows = ROWS.to(DTYPE)
+        fcols = tl.zeros([BLOCK], DTYPE) + COLS
+        frows = tl.zeros([BLOCK], DTYPE) + ROWS
         acc = tl.zeros([BLOCK], dtype=DTYPE)
         qb = q_ptr + bb * V * plane
         for v in range(0, V):
