@@ -1,0 +1,331 @@
+"""Filtered backprojection: FDK for cone beam, FBP for parallel beam, on any circular orbit.
+
+Pipeline (Feldkamp, Davis & Kress 1984; Kak & Slaney ch. 3 for the discrete scaling; Parker 1982):
+
+1. **Orbit.** The per-view vectors of the :class:`~xwin.geometry.Geometry` are fitted with a circle
+   (cone beam: the source positions; parallel beam: the ray directions on the unit sphere). That gives the
+   rotation axis, the radius ``D`` (source–axis distance) and the angle ``β`` of every view. FDK is derived
+   for a circular orbit; a geometry that is not one (residual above 0.1 % of ``D``) gets a warning and an
+   approximate result.
+2. **Pre-weights.** Cone beam: each pixel is multiplied by ``cos`` of its ray's angle to the central ray,
+   ``SDD / |P − S|``. Redundancy: a full 2π scan measures every line twice, weight ½; a short scan gets
+   Parker weights with the overscan generalisation (the fan half-angle ``δ`` is replaced by
+   ``(span − π)/2``), computed from each column's in-plane fan angle; parallel beam uses the same weights
+   with fan angle 0. An arc shorter than ``π + 2δ`` (``π`` for parallel) cannot be reconstructed exactly:
+   warned, and done as well as the data allow.
+3. **Ramp filter** along the detector rows (the ``u`` direction): FFT with zero padding to a power of two at
+   least twice the row length, the DFT of the *spatially sampled* Ram-Lak kernel (no DC error) times a
+   window (Ram-Lak, Shepp-Logan, cosine, Hamming, Hann) with a cutoff as a fraction of Nyquist.
+4. **Scale.** Per view ``Δβ · D · SDD / du`` (cone) or ``Δβ / du`` (parallel), with ``du`` the column
+   pitch (perpendicular to the rays for parallel beam); the backprojection divides by ``w²`` (``w`` the
+   source–voxel distance along the central ray), so a uniform object reconstructs to its μ.
+5. **Backprojection**: voxel-driven, bilinear, :mod:`xwin.kernels.fdk_backproject` (Triton on CUDA).
+
+Assumptions (as in every FDK implementation): the detector rows are parallel to the orbit plane (``u`` is
+along the orbit's tangent) and the detector faces the source; tilted detectors would need rebinning.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+import numpy as np
+import torch
+
+from xwin.geometry import Geometry
+from xwin.kernels.fdk_backproject import fdk_backproject, view_matrices
+
+__all__ = ["FILTERS", "ReconstructionError", "ramp_response", "ramp_filter", "Orbit", "fit_orbit",
+           "parker_weights", "fdk_weights", "fdk", "fbp", "fov_mask"]
+
+FILTERS = ("ram-lak", "shepp-logan", "cosine", "hamming", "hann")
+
+
+class ReconstructionError(ValueError):
+    """Bad input to a reconstruction (shapes, geometry, options)."""
+
+
+# ---------------------------------------------------------------------------------------- ramp filter
+
+def _next_pow2(n: int) -> int:
+    return 1 << (int(n) - 1).bit_length()
+
+
+def ramp_response(n_pad: int, window: str = "ram-lak", cutoff: float = 1.0) -> torch.Tensor:
+    """Real frequency response (n_pad//2 + 1,) float64 of the windowed ramp filter for unit pixel pitch.
+
+    It is the DFT of the spatially sampled Ram-Lak kernel ``h[0] = 1/4``, ``h[k odd] = −1/(πk)²``,
+    ``h[k even] = 0`` (Kak & Slaney eq. 3.61 with τ = 1), times the window; ``cutoff`` ∈ (0, 1] is the
+    fraction of the Nyquist frequency above which the response is zero.
+    """
+    if window not in FILTERS:
+        raise ReconstructionError(f"filter must be one of {FILTERS}, got {window!r}")
+    if not (0 < cutoff <= 1):
+        raise ReconstructionError(f"filter cutoff must be in (0, 1], got {cutoff}")
+    k = torch.arange(n_pad, dtype=torch.float64)
+    k = torch.where(k > n_pad // 2, k - n_pad, k)                  # circular (signed) offsets
+    h = torch.zeros(n_pad, dtype=torch.float64)
+    h[0] = 0.25
+    odd = (k.abs() % 2) == 1
+    h[odd] = -1.0 / (math.pi * k[odd]) ** 2
+    H = torch.fft.rfft(h).real
+    x = torch.arange(H.numel(), dtype=torch.float64) / (n_pad / 2.0)   # frequency / Nyquist, in [0, 1]
+    xc = x / cutoff
+    if window == "ram-lak":
+        win = torch.ones_like(x)
+    elif window == "shepp-logan":
+        a = math.pi * xc / 2
+        win = torch.where(a > 0, torch.sin(a) / torch.where(a > 0, a, torch.ones_like(a)), torch.ones_like(a))
+    elif window == "cosine":
+        win = torch.cos(math.pi * xc / 2)
+    elif window == "hamming":
+        win = 0.54 + 0.46 * torch.cos(math.pi * xc)
+    else:  # hann
+        win = 0.5 + 0.5 * torch.cos(math.pi * xc)
+    win = torch.where(xc <= 1.0, win, torch.zeros_like(win))
+    return H * win
+
+
+def ramp_filter(p: torch.Tensor, window: str = "ram-lak", cutoff: float = 1.0) -> torch.Tensor:
+    """Filter every detector row (last axis) with the windowed ramp (unit pixel pitch), zero padded."""
+    n = p.shape[-1]
+    n_pad = max(64, _next_pow2(2 * n))
+    H = ramp_response(n_pad, window, cutoff).to(device=p.device, dtype=p.dtype)
+    F = torch.fft.rfft(p, n=n_pad, dim=-1)
+    return torch.fft.irfft(F * H, n=n_pad, dim=-1)[..., :n]
+
+
+# ---------------------------------------------------------------------------------------- orbit
+
+@dataclass
+class Orbit:
+    """Circular orbit fitted to a geometry (float64 numpy)."""
+
+    angles: np.ndarray        # (V,) view angles β (radians, unwrapped in view order, increasing)
+    center: np.ndarray        # (3,) centre of the orbit circle (cone) / origin (parallel)
+    axis: np.ndarray          # (3,) unit rotation axis (right-handed with increasing β)
+    e1: np.ndarray            # (3,) in-plane basis: β measured from e1 towards e2
+    e2: np.ndarray
+    radius: float             # source–axis distance D in mm (cone), 1 (parallel)
+    residual: float           # max deviation from the circle, relative to the radius
+    full_scan: bool           # views cover 2π without a gap
+    span: float               # arc covered from the first to the last view (radians)
+    start: float              # angle where a short scan starts (radians)
+    dbeta: np.ndarray         # (V,) angular weight of every view (radians)
+
+
+def fit_orbit(geometry: Geometry) -> Orbit:
+    """Fit a circular orbit to the sources (cone) or ray directions (parallel) of ``geometry``."""
+    g = geometry.to("cpu")
+    V = g.num_views
+    if V < 3:
+        raise ReconstructionError(f"filtered backprojection needs at least 3 views on an orbit, got {V}")
+    if g.kind == "cone":
+        pts = g.source.numpy()
+        m = pts.mean(0)
+    else:
+        d = g.direction.numpy()
+        pts = d / np.linalg.norm(d, axis=1, keepdims=True)
+        m = np.zeros(3)
+    _, s, vt = np.linalg.svd(pts - m, full_matrices=True)
+    if s[1] <= 1e-9 * max(s[0], 1e-300):
+        raise ReconstructionError("the views lie on a line, not on a circular orbit: cannot do FDK/FBP")
+    e1, e2, axis = vt[0], vt[1], vt[2]
+    x = (pts - m) @ e1
+    y = (pts - m) @ e2
+    if g.kind == "cone":
+        # algebraic circle fit (Kasa): x² + y² = 2ax + 2by + c
+        Am = np.stack([2 * x, 2 * y, np.ones_like(x)], 1)
+        a, b, c = np.linalg.lstsq(Am, x * x + y * y, rcond=None)[0]
+        radius = float(math.sqrt(max(c + a * a + b * b, 0.0)))
+        center = m + a * e1 + b * e2
+        xc, yc = x - a, y - b
+        off_plane = np.abs((pts - m) @ axis).max()
+        residual = float(max(np.abs(np.hypot(xc, yc) - radius).max(), off_plane) / radius)
+    else:
+        center = np.zeros(3)
+        xc, yc = x, y
+        radius = 1.0
+        residual = float(np.abs(pts @ axis).max())
+    beta = np.unwrap(np.arctan2(yc, xc))
+    if beta[-1] < beta[0]:                       # make the angles increase with the view order
+        e2, axis = -e2, -axis
+        beta = np.unwrap(np.arctan2(-yc, xc))
+    if residual > 1e-3:
+        warnings.warn(f"the geometry is not a circular orbit (relative residual {residual:.2g}); FDK/FBP assume "
+                      f"one, so the reconstruction is approximate", stacklevel=3)
+    # coverage: sort the angles on the circle and look at the gaps
+    b = np.mod(beta - beta[0], 2 * math.pi)
+    order = np.argsort(b)
+    bs = b[order]
+    gaps = np.diff(np.concatenate([bs, [bs[0] + 2 * math.pi]]))        # gap after each sorted view
+    gmax_i = int(np.argmax(gaps))
+    typical = float(np.median(gaps))
+    full = gaps[gmax_i] <= 1.5 * typical + 1e-12
+    dbeta = np.empty(V)
+    if full:
+        prev = np.roll(gaps, 1)
+        dbeta[order] = 0.5 * (gaps + prev)
+        span, start = 2 * math.pi, float(beta[0])
+    else:
+        # the scan runs from the view after the biggest gap round to the view before it
+        ro = np.roll(order, -(gmax_i + 1))
+        start_b = b[ro[0]]
+        rel = np.mod(b[ro] - start_b, 2 * math.pi)
+        span = float(rel[-1])
+        inner = np.diff(rel)
+        dd = np.zeros(V)
+        dd[:-1] += 0.5 * inner
+        dd[1:] += 0.5 * inner
+        dbeta[ro] = dd
+        start = float(beta[0] + start_b)
+    return Orbit(angles=beta, center=center, axis=axis, e1=e1, e2=e2, radius=radius, residual=residual,
+                 full_scan=bool(full), span=span, start=start, dbeta=dbeta)
+
+
+def parker_weights(beta: np.ndarray, gamma: np.ndarray, span: float) -> np.ndarray:
+    """Parker's short-scan weights with overscan: ``beta`` (V, 1) in [0, span], ``gamma`` (V, cols) fan angle
+    in Parker's sign convention (the conjugate of ray (β, γ) is (β + π + 2γ, −γ)). ``δ = (span − π)/2``.
+
+    For every pair of conjugate rays inside the scan the two weights add up to 1.
+    """
+    d = max((span - math.pi) / 2.0, 1e-9)
+    g = np.clip(gamma, -d + 1e-12, d - 1e-12)
+    b = np.broadcast_to(beta, g.shape)
+    w = np.ones_like(g)
+    lo = b < 2 * (d - g)
+    hi = b > math.pi - 2 * g
+    w = np.where(lo, np.sin(math.pi / 4 * b / (d - g)) ** 2, w)
+    w = np.where(hi, np.sin(math.pi / 4 * np.clip(math.pi + 2 * d - b, 0, None) / (d + g)) ** 2, w)
+    return w
+
+
+def fdk_weights(geometry: Geometry, orbit: Optional[Orbit] = None):
+    """Everything FDK multiplies the raw projections by, as float64 tensors.
+
+    Returns ``(pre, scale, info)``: ``pre`` (V, rows, cols) = cosine pre-weight × redundancy weight, applied
+    before filtering; ``scale`` (V,) = Δβ·D·SDD/du (cone) or Δβ/du (parallel), applied after filtering (the
+    filter works in pixel units); ``info`` a dict describing the orbit for the metrics file.
+    """
+    g = geometry.to("cpu")
+    o = orbit or fit_orbit(g)
+    V, R, C = g.num_views, g.rows, g.cols
+    u, v = g.u.numpy(), g.v.numpy()
+    n = np.cross(u, v)
+    n /= np.linalg.norm(n, axis=1, keepdims=True)
+    pix = g.pixel_positions().numpy()                                   # (V, R, C, 3)
+    if g.kind == "cone":
+        S = g.source.numpy()
+        n *= np.sign(((g.center.numpy() - S) * n).sum(1))[:, None]
+        sdd = ((g.center.numpy() - S) * n).sum(1)                      # (V,)
+        dist = np.linalg.norm(pix - S[:, None, None, :], axis=-1)      # (V, R, C)
+        cosw = sdd[:, None, None] / dist
+        # in-plane fan angle of every column (through the principal point's row)
+        F = S + sdd[:, None] * n
+        rowF = np.clip(np.round(((F - g.center.numpy()) * v).sum(1) / (v * v).sum(1) + (R - 1) / 2), 0, R - 1)
+        P = pix[np.arange(V), rowF.astype(int)]                        # (V, C, 3)
+        dvec = P - S[:, None, :]
+        phi = np.arctan2(dvec @ o.e2, dvec @ o.e1)                     # (V, C)
+        gamma_ours = np.angle(np.exp(1j * (o.angles[:, None] + math.pi - phi)))
+        du = np.linalg.norm(u, axis=1)
+        scale = o.dbeta * o.radius * sdd / du
+        fan = float(np.abs(gamma_ours).max())
+    else:
+        d = g.direction.numpy()
+        d = d / np.linalg.norm(d, axis=1, keepdims=True)
+        cosw = np.ones((V, R, C))
+        gamma_ours = np.zeros((V, C))
+        u_perp = u - (u * d).sum(1, keepdims=True) * d
+        du = np.linalg.norm(u_perp, axis=1)
+        scale = o.dbeta / du
+        sdd = None
+        fan = 0.0
+    needed = math.pi + 2 * fan
+    if o.full_scan:
+        red = np.full((V, C), 0.5)
+        kind = "full scan (weight 1/2)"
+    else:
+        if o.span < needed - 1e-6:
+            warnings.warn(f"the arc ({math.degrees(o.span):.1f} deg) is shorter than pi + fan angle "
+                          f"({math.degrees(needed):.1f} deg): the data are incomplete and the reconstruction "
+                          f"has limited-angle artefacts", stacklevel=3)
+        if o.span <= math.pi + 1e-9:
+            red = np.ones((V, C))
+            kind = "limited angle (no redundancy, weight 1)"
+        else:
+            rel = np.mod(o.angles - o.start, 2 * math.pi)
+            rel = np.where(rel > o.span + 1e-9, rel - 2 * math.pi, rel)[:, None]
+            red = parker_weights(rel, -gamma_ours, o.span)
+            kind = f"short scan, Parker weights (delta = {math.degrees((o.span - math.pi) / 2):.2f} deg)"
+    pre = cosw * red[:, None, :]
+    info = {"orbit": {"radius_mm": o.radius if g.kind == "cone" else None, "center": o.center.tolist(),
+                      "axis": o.axis.tolist(), "span_deg": math.degrees(o.span), "full_scan": o.full_scan,
+                      "fan_half_angle_deg": math.degrees(fan), "residual": o.residual,
+                      "redundancy": kind}}
+    return torch.from_numpy(pre), torch.from_numpy(np.asarray(scale, dtype=np.float64)), info
+
+
+# ---------------------------------------------------------------------------------------- FDK / FBP
+
+def fdk(projections: torch.Tensor, geometry: Geometry, volume_shape: Sequence[int], *, affine=None,
+        filter: str = "ram-lak", cutoff: float = 1.0, backend: str = "auto", progress=None,
+        return_info: bool = False):
+    """FDK (cone beam) or FBP (parallel beam) reconstruction of line integrals on a circular orbit.
+
+    Args:
+        projections: (V, rows, cols) or (B, V, rows, cols) line integrals (e.g. from ``xwin.kernels.project``
+            of a μ volume in 1/mm with an affine in mm: then the result is μ in 1/mm).
+        geometry: the scan's :class:`~xwin.geometry.Geometry` (a circular orbit, full or short scan).
+        volume_shape: (X, Y, Z) of the output grid; ``affine`` its voxel → world map (default identity).
+        filter: one of :data:`FILTERS`; ``cutoff``: fraction of Nyquist kept.
+        backend: "auto" (Triton kernel for CUDA tensors, torch reference otherwise), "triton", "torch".
+        progress: optional callable ``progress(n_views_done)`` (e.g. a tqdm ``update``).
+
+    Returns:
+        (X, Y, Z) or (B, X, Y, Z) reconstruction in the projections' dtype (float32 unless float64 given);
+        with ``return_info=True`` also a dict describing the orbit and weights.
+    """
+    if not isinstance(projections, torch.Tensor):
+        raise ReconstructionError(f"projections must be a torch.Tensor, got {type(projections).__name__}")
+    if not isinstance(geometry, Geometry):
+        raise ReconstructionError(f"geometry must be an xwin.geometry.Geometry, got {type(geometry).__name__}")
+    if projections.ndim not in (3, 4) or tuple(projections.shape[-3:]) != (geometry.num_views, geometry.rows,
+                                                                          geometry.cols):
+        raise ReconstructionError(
+            f"projections must be (V, rows, cols) = {(geometry.num_views, geometry.rows, geometry.cols)} "
+            f"(optionally with a batch axis), got {tuple(projections.shape)}")
+    if not projections.is_floating_point():
+        raise ReconstructionError(f"projections must be floating point, got {projections.dtype}")
+    if not torch.isfinite(projections).all():
+        raise ReconstructionError("projections contain NaN or Inf")
+    dt = torch.float64 if projections.dtype == torch.float64 else torch.float32
+    p = projections.to(dt)
+    pre, scale, info = fdk_weights(geometry)
+    pre = pre.to(device=p.device, dtype=dt)
+    scale = scale.to(device=p.device, dtype=dt)
+    q = ramp_filter(p * pre, filter, cutoff) * scale[:, None, None]
+    mats = view_matrices(geometry, affine)
+    vol = fdk_backproject(q.contiguous(), mats, volume_shape, distance_weight=geometry.kind == "cone",
+                          backend=backend, progress=progress)
+    info.update(filter=filter, cutoff=cutoff)
+    return (vol, info) if return_info else vol
+
+
+def fbp(projections: torch.Tensor, geometry: Geometry, volume_shape: Sequence[int], **kwargs):
+    """Filtered backprojection; the same function as :func:`fdk` (which does parallel beam as plain FBP)."""
+    return fdk(projections, geometry, volume_shape, **kwargs)
+
+
+def fov_mask(geometry: Geometry, volume_shape: Sequence[int], *, affine=None, max_views: int = 60,
+             backend: str = "auto", device=None) -> torch.Tensor:
+    """Boolean (X, Y, Z) mask of the voxels whose centres project inside the detector in every view
+    (checked on at most ``max_views`` evenly spaced views)."""
+    V = geometry.num_views
+    idx = np.unique(np.linspace(0, V - 1, min(V, max_views)).round().astype(int)).tolist()
+    g = geometry[idx]
+    ones = torch.ones(len(idx), g.rows, g.cols, device=device or "cpu")
+    count = fdk_backproject(ones, view_matrices(g, affine), volume_shape, distance_weight=False, backend=backend)
+    return count >= len(idx) - 1e-3

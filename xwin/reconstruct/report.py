@@ -1,0 +1,175 @@
+"""Metrics (PSNR / SSIM / RMSE over the field of view) and the summary figure of a reconstruction."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import resource
+import sys
+from typing import Dict, Optional, Sequence
+
+import numpy as np
+import torch
+
+from xwin.intensity import MU_WATER
+
+__all__ = ["image_metrics", "peak_memory", "save_figure", "write_json", "display_axes"]
+
+
+def image_metrics(recon: torch.Tensor, truth: torch.Tensor, mask: Optional[torch.Tensor] = None, *,
+                  mu_water: float = MU_WATER) -> Dict[str, object]:
+    """PSNR and SSIM (scikit-image) and RMSE over the voxels in ``mask`` (default: all), on μ volumes.
+
+    Data range = max − min of the *truth* inside the mask (stated in the result, in 1/mm and in HU).
+    SSIM is computed on the whole volume (3-D Gaussian-free 7³ window, scikit-image defaults) and its map
+    is averaged over the mask. RMSE is converted to HU with ``mu_water``.
+    """
+    from skimage.metrics import peak_signal_noise_ratio, structural_similarity
+
+    r = recon.detach().double().cpu().numpy()
+    t = truth.detach().double().cpu().numpy()
+    if r.shape != t.shape:
+        raise ValueError(f"recon {r.shape} and truth {t.shape} differ in shape")
+    m = np.ones(t.shape, dtype=bool) if mask is None else mask.detach().cpu().numpy().astype(bool)
+    if not m.any():
+        raise ValueError("the field-of-view mask is empty: no voxel is seen in every view")
+    tv, rv = t[m], r[m]
+    lo, hi = float(tv.min()), float(tv.max())
+    data_range = hi - lo if hi > lo else 1.0
+    psnr = float(peak_signal_noise_ratio(tv, rv, data_range=data_range))
+    win = min(7, *[s if s % 2 else s - 1 for s in t.shape])
+    ssim = None
+    if win >= 3:
+        _, smap = structural_similarity(t, r, data_range=data_range, win_size=win, full=True)
+        ssim = float(smap[m].mean())
+    rmse = float(np.sqrt(np.mean((rv - tv) ** 2)))
+    hu = 1000.0 / mu_water
+    return {
+        "psnr_db": round(psnr, 3),
+        "ssim": None if ssim is None else round(ssim, 4),
+        "rmse_mu_per_mm": rmse,
+        "rmse_hu": round(rmse * hu, 2),
+        "mae_hu": round(float(np.mean(np.abs(rv - tv))) * hu, 2),
+        "data_range": {"mu_per_mm": [lo, hi], "hu": [round(lo * hu - 1000, 1), round(hi * hu - 1000, 1)],
+                       "value_mu_per_mm": data_range,
+                       "note": "PSNR/SSIM on μ (1/mm) with data_range = truth max - min over the FOV"},
+        "fov_voxels": int(m.sum()),
+        "ssim_window": win if ssim is not None else None,
+    }
+
+
+def peak_memory() -> Dict[str, float]:
+    """Peak resident memory of this process (MiB), and peak CUDA memory if CUDA was used."""
+    ru = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    mib = ru / 1024.0 if sys.platform != "darwin" else ru / 2**20
+    out = {"peak_rss_mib": round(mib, 1)}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        out["peak_cuda_mib"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
+    return out
+
+
+def write_json(path: str, obj) -> None:
+    def default(o):
+        if isinstance(o, (np.floating, np.integer)):
+            return o.item()
+        if isinstance(o, np.ndarray):
+            return o.tolist()
+        if isinstance(o, torch.Tensor):
+            return o.detach().cpu().tolist()
+        return str(o)
+
+    with open(path, "w") as f:
+        json.dump(obj, f, indent=1, default=default)
+        f.write("\n")
+
+
+def display_axes(affine: np.ndarray):
+    """(orientation, canonical spacing) to show a volume in RAS+ order with nibabel's orientation tools."""
+    import nibabel as nib
+
+    ornt = nib.orientations.io_orientation(np.asarray(affine, dtype=np.float64))
+    spacing = np.linalg.norm(np.asarray(affine, dtype=np.float64)[:3, :3], axis=0)
+    return ornt, spacing[ornt[:, 0].astype(int)]
+
+
+def _canonical(vol: np.ndarray, ornt) -> np.ndarray:
+    import nibabel as nib
+
+    return nib.orientations.apply_orientation(vol, ornt)
+
+
+def _planes(a: np.ndarray, sp, center=None):
+    """Radiological views of a canonical RAS+ array: axial (right on the image's left, anterior up),
+    coronal and sagittal (superior up). Returns [(image, aspect)]."""
+    c = [s // 2 for s in a.shape] if center is None else center
+    ax = a[::-1, ::-1, c[2]].T                 # rows: anterior→posterior, cols: right→left
+    co = a[::-1, c[1], ::-1].T                 # rows: superior→inferior, cols: right→left
+    sa = a[c[0], ::-1, ::-1].T                 # rows: superior→inferior, cols: anterior→posterior
+    return [(ax, sp[1] / sp[0]), (co, sp[2] / sp[0]), (sa, sp[2] / sp[1])]
+
+
+def save_figure(path: str, truth_hu: np.ndarray, recon_hu: np.ndarray, affine: np.ndarray, projections,
+                title: str, metrics: Dict[str, object], residuals: Optional[Sequence[float]] = None,
+                window=(-1000.0, 600.0), error_window: float = 200.0, view_labels=None, proj_aspect: float = 1.0,
+                dpi: int = 80) -> None:
+    """Axial / coronal / sagittal slices through the centre of truth, reconstruction and error (HU), a few
+    projections, and (for iterative methods) the residual history."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+    from matplotlib.gridspec import GridSpec
+
+    ornt, sp = display_axes(affine)
+    T = _canonical(np.asarray(truth_hu, dtype=np.float32), ornt)
+    R = _canonical(np.asarray(recon_hu, dtype=np.float32), ornt)
+    E = R - T
+    fig = plt.figure(figsize=(13.5, 12.5))
+    gs = GridSpec(4, 4, figure=fig, height_ratios=[1, 1, 1, 0.8], hspace=0.28, wspace=0.15)
+    names = ("axial", "coronal", "sagittal")
+    rows = (("truth", T, "gray", window), ("reconstruction", R, "gray", window),
+            ("error (recon − truth)", E, "RdBu_r", (-error_window, error_window)))
+    for ri, (label, vol, cmap, (lo, hi)) in enumerate(rows):
+        for ci, (img, aspect) in enumerate(_planes(vol, sp)):
+            axp = fig.add_subplot(gs[ri, ci])
+            im = axp.imshow(img, cmap=cmap, vmin=lo, vmax=hi, aspect=aspect, interpolation="nearest")
+            axp.set_xticks([])
+            axp.set_yticks([])
+            if ri == 0:
+                axp.set_title(names[ci], fontsize=11)
+            if ci == 0:
+                axp.set_ylabel(label, fontsize=11)
+        cb = fig.colorbar(im, ax=fig.axes[-1], fraction=0.046, pad=0.02)
+        cb.set_label("HU", fontsize=9)
+    # right column: metrics text and residual history
+    axt = fig.add_subplot(gs[0, 3])
+    axt.axis("off")
+    lines = [f"PSNR {metrics.get('psnr_db')} dB", f"SSIM {metrics.get('ssim')}",
+             f"RMSE {metrics.get('rmse_hu')} HU", f"FOV voxels {metrics.get('fov_voxels')}"]
+    dr = metrics.get("data_range", {}).get("hu")
+    if dr:
+        lines.append(f"data range {dr[0]:.0f}..{dr[1]:.0f} HU")
+    axt.text(0.42, 0.95, "\n".join(lines), va="top", ha="left", fontsize=10.5, family="monospace")
+    if residuals:
+        axr = fig.add_subplot(gs[1:3, 3])
+        axr.semilogy(np.arange(1, len(residuals) + 1), residuals, "-o", ms=3)
+        axr.set_xlabel("iteration")
+        axr.set_title("‖Ax − b‖ / ‖b‖", fontsize=10)
+        axr.grid(True, which="both", alpha=0.3)
+    # bottom row: projections
+    p = np.asarray(projections)
+    V = p.shape[0]
+    picks = sorted(set(int(round(f * V)) % V for f in (0.0, 0.125, 0.25, 0.375)))
+    pmax = float(np.percentile(p, 99.9)) or 1.0
+    for ci, vi in enumerate(picks[:4]):
+        axp = fig.add_subplot(gs[3, ci])
+        axp.imshow(p[vi], cmap="gray", vmin=0, vmax=pmax, aspect=proj_aspect)
+        axp.set_xticks([])
+        axp.set_yticks([])
+        lab = view_labels[vi] if view_labels is not None else f"view {vi}"
+        axp.set_title(f"projection: {lab}", fontsize=10)
+    fig.suptitle(title, fontsize=12)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    fig.savefig(path, dpi=dpi, bbox_inches="tight")
+    plt.close(fig)
