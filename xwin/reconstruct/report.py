@@ -125,14 +125,16 @@ def save_figure(path: str, truth_hu: np.ndarray, recon_hu: np.ndarray, affine: n
     T = _canonical(np.asarray(truth_hu, dtype=np.float32), ornt)
     R = _canonical(np.asarray(recon_hu, dtype=np.float32), ornt)
     E = R - T
-    fig = plt.figure(figsize=(13.5, 12.5))
-    gs = GridSpec(4, 4, figure=fig, height_ratios=[1, 1, 1, 0.8], hspace=0.28, wspace=0.15)
+    fig = plt.figure(figsize=(14, 12.5))
+    outer = GridSpec(2, 1, figure=fig, height_ratios=[3, 0.85], hspace=0.16)
+    top = outer[0].subgridspec(3, 6, width_ratios=[1, 1, 1, 0.05, 0.3, 1.2], wspace=0.12, hspace=0.15)
+    bottom = outer[1].subgridspec(1, 4, wspace=0.1)
     names = ("axial", "coronal", "sagittal")
     rows = (("truth", T, "gray", window), ("reconstruction", R, "gray", window),
             ("error (recon − truth)", E, "RdBu_r", (-error_window, error_window)))
     for ri, (label, vol, cmap, (lo, hi)) in enumerate(rows):
         for ci, (img, aspect) in enumerate(_planes(vol, sp)):
-            axp = fig.add_subplot(gs[ri, ci])
+            axp = fig.add_subplot(top[ri, ci])
             im = axp.imshow(img, cmap=cmap, vmin=lo, vmax=hi, aspect=aspect, interpolation="nearest")
             axp.set_xticks([])
             axp.set_yticks([])
@@ -140,30 +142,31 @@ def save_figure(path: str, truth_hu: np.ndarray, recon_hu: np.ndarray, affine: n
                 axp.set_title(names[ci], fontsize=11)
             if ci == 0:
                 axp.set_ylabel(label, fontsize=11)
-        cb = fig.colorbar(im, ax=fig.axes[-1], fraction=0.046, pad=0.02)
+        cb = fig.colorbar(im, cax=fig.add_subplot(top[ri, 3]))
         cb.set_label("HU", fontsize=9)
     # right column: metrics text and residual history
-    axt = fig.add_subplot(gs[0, 3])
+    axt = fig.add_subplot(top[0, 5])
     axt.axis("off")
     lines = [f"PSNR {metrics.get('psnr_db')} dB", f"SSIM {metrics.get('ssim')}",
              f"RMSE {metrics.get('rmse_hu')} HU", f"FOV voxels {metrics.get('fov_voxels')}"]
     dr = metrics.get("data_range", {}).get("hu")
     if dr:
         lines.append(f"data range {dr[0]:.0f}..{dr[1]:.0f} HU")
-    axt.text(0.42, 0.95, "\n".join(lines), va="top", ha="left", fontsize=10.5, family="monospace")
+    axt.text(0.0, 0.9, "\n".join(lines), va="top", ha="left", fontsize=11, family="monospace")
     if residuals:
-        axr = fig.add_subplot(gs[1:3, 3])
+        axr = fig.add_subplot(top[1:3, 5])
         axr.semilogy(np.arange(1, len(residuals) + 1), residuals, "-o", ms=3)
         axr.set_xlabel("iteration")
         axr.set_title("‖Ax − b‖ / ‖b‖", fontsize=10)
         axr.grid(True, which="both", alpha=0.3)
+        axr.yaxis.tick_right()
     # bottom row: projections
     p = np.asarray(projections)
     V = p.shape[0]
     picks = sorted(set(int(round(f * V)) % V for f in (0.0, 0.125, 0.25, 0.375)))
     pmax = float(np.percentile(p, 99.9)) or 1.0
     for ci, vi in enumerate(picks[:4]):
-        axp = fig.add_subplot(gs[3, ci])
+        axp = fig.add_subplot(bottom[0, ci])
         axp.imshow(p[vi], cmap="gray", vmin=0, vmax=pmax, aspect=proj_aspect)
         axp.set_xticks([])
         axp.set_yticks([])
