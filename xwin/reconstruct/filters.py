@@ -10,9 +10,11 @@ Pipeline (Feldkamp, Davis & Kress 1984; Kak & Slaney ch. 3 for the discrete scal
 2. **Pre-weights.** Cone beam: each pixel is multiplied by ``cos`` of its ray's angle to the central ray,
    ``SDD / |P − S|``. Redundancy: a full 2π scan measures every line twice, weight ½; a short scan gets
    Parker weights with the overscan generalisation (the fan half-angle ``δ`` is replaced by
-   ``(span − π)/2``), computed from each column's in-plane fan angle; parallel beam uses the same weights
-   with fan angle 0. An arc shorter than ``π + 2δ`` (``π`` for parallel) cannot be reconstructed exactly:
-   warned, and done as well as the data allow.
+   ``(span − π)/2``), computed from each column's in-plane fan angle. Parallel beam: views θ and θ + π
+   measure the same lines, so the view angles are folded onto [0, π) and each view's angular weight is
+   half the gap to its neighbours there — any set of views (180°, 360°, 270°, uneven) is weighted so that
+   every line counts once. An arc shorter than ``π + 2δ`` (``π`` for parallel) cannot be reconstructed
+   exactly: warned, and done as well as the data allow.
 3. **Ramp filter** along the detector rows (the ``u`` direction): FFT with zero padding to a power of two at
    least twice the row length, the DFT of the *spatially sampled* Ram-Lak kernel (no DC error) times a
    window (Ram-Lak, Shepp-Logan, cosine, Hamming, Hann) with a cutoff as a fraction of Nyquist.
@@ -111,10 +113,10 @@ class Orbit:
     e2: np.ndarray
     radius: float             # source–axis distance D in mm (cone), 1 (parallel)
     residual: float           # max deviation from the circle, relative to the radius
-    full_scan: bool           # views cover 2π without a gap
-    span: float               # arc covered from the first to the last view (radians)
+    full_scan: bool           # views cover the circle (2π; π for parallel beam) without a gap
+    span: float               # arc covered (radians; on the folded [0, π) circle for parallel beam)
     start: float              # angle where a short scan starts (radians)
-    dbeta: np.ndarray         # (V,) angular weight of every view (radians)
+    dbeta: np.ndarray         # (V,) angular weight of every view (radians; they add up to the span)
 
 
 def fit_orbit(geometry: Geometry) -> Orbit:
@@ -157,24 +159,29 @@ def fit_orbit(geometry: Geometry) -> Orbit:
     if residual > 1e-3:
         warnings.warn(f"the geometry is not a circular orbit (relative residual {residual:.2g}); FDK/FBP assume "
                       f"one, so the reconstruction is approximate", stacklevel=3)
-    # coverage: sort the angles on the circle and look at the gaps
-    b = np.mod(beta - beta[0], 2 * math.pi)
-    order = np.argsort(b)
+    # coverage: sort the angles on the circle and look at the gaps. Parallel beam: the views θ and θ + π
+    # measure the same lines, so the angles live on a circle of period π and a 2π scan just has every
+    # angle twice (gaps of 0); the per-view weights below then compensate any angular density.
+    period = 2 * math.pi if g.kind == "cone" else math.pi
+    b = np.mod(beta - beta[0], period)
+    order = np.argsort(b, kind="stable")
     bs = b[order]
-    gaps = np.diff(np.concatenate([bs, [bs[0] + 2 * math.pi]]))        # gap after each sorted view
+    gaps = np.diff(np.concatenate([bs, [bs[0] + period]]))             # gap after each sorted view
     gmax_i = int(np.argmax(gaps))
-    typical = float(np.median(gaps))
-    full = gaps[gmax_i] <= 1.5 * typical + 1e-12
+    if g.kind == "cone":
+        full = gaps[gmax_i] <= 1.5 * float(np.median(gaps)) + 1e-12
+    else:
+        full = gaps[gmax_i] <= 4.0 * period / V + 1e-12
     dbeta = np.empty(V)
     if full:
         prev = np.roll(gaps, 1)
         dbeta[order] = 0.5 * (gaps + prev)
-        span, start = 2 * math.pi, float(beta[0])
+        span, start = period, float(beta[0])
     else:
         # the scan runs from the view after the biggest gap round to the view before it
         ro = np.roll(order, -(gmax_i + 1))
         start_b = b[ro[0]]
-        rel = np.mod(b[ro] - start_b, 2 * math.pi)
+        rel = np.mod(b[ro] - start_b, period)
         span = float(rel[-1])
         inner = np.diff(rel)
         dd = np.zeros(V)
@@ -243,11 +250,20 @@ def fdk_weights(geometry: Geometry, orbit: Optional[Orbit] = None):
         scale = o.dbeta / du
         sdd = None
         fan = 0.0
-    needed = math.pi + 2 * fan
-    if o.full_scan:
+    if g.kind == "parallel":
+        # angles folded onto [0, π): the per-view Δθ already share every line among the views measuring it
+        red = np.ones((V, C))
+        kind = "parallel beam: angular weights on [0, pi) (each line weighted once)"
+        if not o.full_scan:
+            warnings.warn(f"the views cover only {math.degrees(o.span):.1f} of the 180 deg a parallel-beam scan "
+                          f"needs: the data are incomplete and the reconstruction has limited-angle artefacts",
+                          stacklevel=3)
+            kind = "parallel beam, limited angle (weight 1)"
+    elif o.full_scan:
         red = np.full((V, C), 0.5)
         kind = "full scan (weight 1/2)"
     else:
+        needed = math.pi + 2 * fan
         if o.span < needed - 1e-6:
             warnings.warn(f"the arc ({math.degrees(o.span):.1f} deg) is shorter than pi + fan angle "
                           f"({math.degrees(needed):.1f} deg): the data are incomplete and the reconstruction "
