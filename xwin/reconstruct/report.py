@@ -22,8 +22,9 @@ def image_metrics(recon: torch.Tensor, truth: torch.Tensor, mask: Optional[torch
     """PSNR and SSIM (scikit-image) and RMSE over the voxels in ``mask`` (default: all), on μ volumes.
 
     Data range = max − min of the *truth* inside the mask (stated in the result, in 1/mm and in HU).
-    SSIM is computed on the whole volume (3-D Gaussian-free 7³ window, scikit-image defaults) and its map
-    is averaged over the mask. RMSE is converted to HU with ``mu_water``.
+    SSIM is computed on the whole volume (uniform 7³ window, scikit-image defaults) and its map averaged over
+    the mask minus the 3-voxel border that scikit-image itself leaves out of its mean (with an all-true mask
+    this is exactly ``structural_similarity``'s value). RMSE is converted to HU with ``mu_water``.
     """
     from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 
@@ -42,7 +43,10 @@ def image_metrics(recon: torch.Tensor, truth: torch.Tensor, mask: Optional[torch
     ssim = None
     if win >= 3:
         _, smap = structural_similarity(t, r, data_range=data_range, win_size=win, full=True)
-        ssim = float(smap[m].mean())
+        pad = (win - 1) // 2
+        core = np.zeros_like(m)
+        core[pad:t.shape[0] - pad, pad:t.shape[1] - pad, pad:t.shape[2] - pad] = True
+        ssim = float(smap[m & core].mean()) if (m & core).any() else float(smap[m].mean())
     rmse = float(np.sqrt(np.mean((rv - tv) ** 2)))
     hu = 1000.0 / mu_water
     return {
