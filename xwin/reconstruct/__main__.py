@@ -72,8 +72,10 @@ def _arc(s):
 def build_parser() -> argparse.ArgumentParser:
     from .filters import FILTERS
 
+    prog = "xwin-reconstruct" if os.path.basename(sys.argv[0] or "").startswith("xwin-reconstruct") \
+        else "python -m xwin.reconstruct"
     p = argparse.ArgumentParser(
-        prog="python -m xwin.reconstruct",
+        prog=prog,
         description="Simulate a CT scan of a volume with xwin's projector and reconstruct it (FDK/FBP, SIRT, "
                     "CGLS, TV). Without a CT, the embedded sample chest CT is used.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
