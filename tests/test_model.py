@@ -172,6 +172,23 @@ def test_full_forward_losses_and_gradient_routing():
     assert all(p.grad is None for p in model.encoder.parameters())  # L_cls does not reach the encoder
 
 
+def test_alignment_uses_centred_latents():
+    torch.manual_seed(0)
+    model, _ = build_model(TINY)
+    batch, targets = _batch(model)
+    with torch.no_grad():
+        z = model.view_predictor(model.encoder(batch["context"]), batch["actions"]).mean(2).flatten(0, 1)
+        t = targets["align"].flatten(0, 1)
+        zc, tc = z - z.mean(0), t - t.mean(0)
+        on = model(batch, targets, LOSS)
+        off = model(batch, targets, dict(LOSS, center_latents=False))
+    assert on["infonce"].item() == pytest.approx(L.info_nce(zc, tc, 0.1).item(), rel=1e-5)
+    assert on["affinity"].item() == pytest.approx(
+        L.affinity_loss(zc, tc, 0.1, 0.05, targets["groups"]).item(), rel=1e-5)
+    assert off["infonce"].item() == pytest.approx(L.info_nce(z, t, 0.1).item(), rel=1e-5)
+    assert on["top1"].item() == L.top1_accuracy(zc, tc).item()
+
+
 def test_load_encoder_roundtrip(tmp_path):
     torch.manual_seed(0)
     model, target = build_model(TINY)

@@ -76,6 +76,8 @@ DEFAULTS: dict = {
         "lambda_mim": 1.0,
         "lambda_domain": 0.1,
         "lambda_cls": 1.0,
+        "center_latents": True,    # subtract the batch mean of z and t before the alignment losses
+        "mim_sim_view": "target",  # simulated MIM image: a random target view ("target") or the context
     },
     "optim": {
         "lr": 1e-4,                # peak lr = lr * global_batch / lr_ref_batch (official: 1e-4, 256)
@@ -140,6 +142,8 @@ def load_config(name_or_path: str = "tiny", overrides: Sequence[str] = ()) -> di
             val = v
         _set_path(cfg, k.strip(), val)
     # validate the typed sections early
+    if cfg["loss"].get("mim_sim_view", "target") not in ("target", "context"):
+        raise ValueError("loss.mim_sim_view must be 'target' or 'context'")
     ModelConfig.from_dict(cfg["model"])
     RenderConfig.from_dict(cfg["render"])
     BlockMaskConfig.from_dict(cfg["masks"])
@@ -591,21 +595,32 @@ def train(cfg: dict, out_dir, ct: Sequence[str] = (), cxr: Sequence[str] = (), d
             ctx, tgt = renderer.render([pool.get(i) for i in idx], actions)
             t_render = renderer.render_seconds - r0
             n = tgt.shape[1]
+            # simulated MIM view: one random target view per CT ("target", sees every yaw) or the frontal
+            # context view ("context", as the official code)
+            sim_on_target = lcfg.get("mim_sim_view", "target") == "target"
+            pick = torch.randint(0, n, (B,), generator=gen).to(dev) if sim_on_target else None
 
             with torch.no_grad(), amp():
-                imgs = torch.cat([tgt.flatten(0, 1), ctx, real])
+                imgs = torch.cat([tgt.flatten(0, 1)] + ([] if sim_on_target else [ctx]) + [real])
                 h = target(imgs)
                 h_align = h[: B * n].float().mean(dim=1).reshape(B, n, -1)
-                h_mim = F.layer_norm(h[B * n:].float(), (h.shape[-1],))
+                h_rest = F.layer_norm(h.float(), (h.shape[-1],))
+                if sim_on_target:
+                    h_sim = h_rest[torch.arange(B, device=dev) * n + pick]
+                    sim = tgt[torch.arange(B, device=dev), pick]
+                else:
+                    h_sim = h_rest[B * n: B * n + B]
+                    sim = ctx
+                h_real = h_rest[-B:]
                 targets = {
                     "align": h_align,
-                    "sim_tokens": gather_tokens(h_mim[:B], sim_pred.to(dev)),
-                    "real_tokens": gather_tokens(h_mim[B:], real_pred.to(dev)),
+                    "sim_tokens": gather_tokens(h_sim, sim_pred.to(dev)),
+                    "real_tokens": gather_tokens(h_real, real_pred.to(dev)),
                     "groups": torch.arange(B, device=dev).repeat_interleave(n),
                 }
             batch = {
                 "context": ctx, "actions": actions_to_model(actions).to(dev),
-                "sim": ctx, "sim_keep": sim_keep.to(dev), "sim_pred": sim_pred.to(dev),
+                "sim": sim, "sim_keep": sim_keep.to(dev), "sim_pred": sim_pred.to(dev),
                 "real": real, "real_keep": real_keep.to(dev), "real_pred": real_pred.to(dev),
             }
             with amp():
@@ -662,6 +677,8 @@ def train(cfg: dict, out_dir, ct: Sequence[str] = (), cxr: Sequence[str] = (), d
         "mean_step_seconds": step_total / max(1, len(history)),
         "render_fraction": render_total / step_total if step_total > 0 else float("nan"),
         "views_rendered": renderer.views_rendered, "average_over_steps": k,
+        "align_step1": history[0]["align"] if start == 0 and history else float("nan"),
+        "top1_step1": history[0]["top1"] if start == 0 and history else float("nan"),
         "align_start": avg(first, "align"), "align_end": avg(last, "align"),
         "top1_start": avg(first, "top1"), "top1_end": avg(last, "top1"),
         "loss_start": avg(first, "loss"), "loss_end": avg(last, "loss"),
