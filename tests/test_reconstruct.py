@@ -514,6 +514,18 @@ def test_cli_iterative_method_on_a_nifti_keeps_the_input_affine(tmp_path):
     assert "iterations 3" in out
 
 
+def test_cli_short_scan_uses_parker_weights_without_warning(tmp_path):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")                  # the short arc covers the detector's whole fan
+        status, out, err = _cli(["--arc", "short", "--views", "40", "--downsample", "4", "--out",
+                                 str(tmp_path / "s"), "--quiet"])
+    assert status == 0, err
+    mt = json.loads((tmp_path / "s" / "metrics.json").read_text())
+    assert "Parker" in mt["reconstruction"]["orbit"]["redundancy"]
+    assert mt["scan"]["arc_deg"] == pytest.approx(180 + 2 * mt["scan"]["fan_half_angle_deg"])
+    assert mt["metrics"]["psnr_db"] > 24
+
+
 @pytest.mark.parametrize("argv,needle", [
     (["--views", "0"], "--views must be positive"),
     (["--method", "art"], "invalid choice"),

@@ -216,6 +216,8 @@ def scan_geometry(shape, affine, args):
     else:
         cols = int(math.ceil(2 * halfw / pw)) + 2
         rows = int(math.ceil(2 * halfh / ph)) + 2
+    if cone:                                   # the detector's own half fan angle (its outermost column)
+        fan = math.atan((cols - 1) / 2 * pw / args.sdd)
     if args.arc == "short":
         arc = math.pi + 2 * fan
     else:
