@@ -109,8 +109,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tv-weight", type=float, default=1e-5,
                    help="TV weight in 1/mm: the ROF weight of each proximal step (1e-5 /mm is about 0.5 HU)")
     p.add_argument("--noise", type=_positive(float, "--noise"), default=None, metavar="I0",
-                   help="Poisson noise: photons per pixel I0 on I0*exp(-p) (default: noise-free); iterative "
-                        "methods then stop by the discrepancy principle")
+                   help="Poisson noise: photons per pixel I0 on I0*exp(-p) (default: noise-free); sirt and cgls "
+                        "then stop by the discrepancy principle")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda[:N]")
     p.add_argument("--threads", type=_positive(int, "--threads"), default=None, help="torch CPU threads")
     p.add_argument("--out", default="recon_out", help="output folder")
@@ -299,8 +299,10 @@ def reconstruct(args, p, geometry, shape, affine, show, noise_norm):
                     file=sys.stderr)
 
     iters = args.iterations or DEFAULT_ITERS[args.method]
-    common = dict(affine=affine, iterations=iters, noise_norm=noise_norm, method=args.projector,
-                  progress=factory, return_info=True)
+    # the discrepancy principle stops SIRT/CGLS before they fit the noise; TV's prior handles the noise
+    # itself, so it runs its iterations (stopping it early measured worse: 37.05 vs 38.81 dB, docs)
+    common = dict(affine=affine, iterations=iters, noise_norm=None if args.method == "tv" else noise_norm,
+                  method=args.projector, progress=factory, return_info=True)
     if args.method == "sirt":
         return iterative.sirt(p, geometry, shape, subsets=min(args.subsets, geometry.num_views), **common)
     if args.method == "cgls":
