@@ -146,6 +146,7 @@ def test_fit_orbit_recovers_circular_scans():
     np.testing.assert_allclose(np.diff(o.angles), np.diff(ang.numpy()), atol=1e-9)
     assert not o.full_scan and o.span == pytest.approx(1.3 * math.pi, rel=1e-9)
     assert o.dbeta.sum() == pytest.approx(1.3 * math.pi, rel=1e-9)
+    np.testing.assert_allclose(o.axis, [0, 0, 1], atol=1e-9)              # counter-clockwise about +z
     full = fit_orbit(circular_orbit(torch.arange(90) * 2 * math.pi / 90, rows=2, cols=3, kind="parallel"))
     assert full.full_scan and full.dbeta.sum() == pytest.approx(math.pi)      # parallel: lines counted once
     # reversed rotation: angles still increase (the axis flips)

@@ -154,8 +154,9 @@ def fit_orbit(geometry: Geometry) -> Orbit:
         residual = float(np.abs(pts @ axis).max())
     beta = np.unwrap(np.arctan2(yc, xc))
     if beta[-1] < beta[0]:                       # make the angles increase with the view order
-        e2, axis = -e2, -axis
+        e2 = -e2
         beta = np.unwrap(np.arctan2(-yc, xc))
+    axis = np.cross(e1, e2)                      # right-handed: β turns about +axis
     if residual > 1e-3:
         warnings.warn(f"the geometry is not a circular orbit (relative residual {residual:.2g}); FDK/FBP assume "
                       f"one, so the reconstruction is approximate", stacklevel=3)
