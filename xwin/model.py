@@ -116,6 +116,8 @@ def _trunc_normal(t: torch.Tensor, std: float = 0.02) -> torch.Tensor:
     """Normal(0, std²) truncated to ±2·std, by redrawing the values outside (torch's ``trunc_normal_``
     goes through erfinv and takes seconds for a ViT on a CPU)."""
     t.normal_(0.0, std)
+    if t.is_meta:                       # shape-only construction (parameter counting): nothing to redraw
+        return t
     out = t.abs() > 2 * std
     while out.any():
         t[out] = torch.randn(int(out.sum()), dtype=t.dtype, device=t.device) * std
