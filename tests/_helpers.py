@@ -114,6 +114,10 @@ def scenes(draw, max_size: int = 8, allow_oblique: bool = True):
     return shape, affine, geom
 
 
+class AmbiguousRay(Exception):
+    """A ray lies on a voxel face up to rounding; the oracle cannot say which voxel it belongs to."""
+
+
 def siddon_oracle(volume: np.ndarray, affine: np.ndarray, geom: Geometry) -> np.ndarray:
     """Independent exact Siddon: per ray, all plane crossings, sorted; midpoint voxel; float64 numpy."""
     X, Y, Z = volume.shape
@@ -138,6 +142,12 @@ def siddon_oracle(volume: np.ndarray, affine: np.ndarray, geom: Geometry) -> np.
                     lo, hi = -1e9, 1e9
                     wlen = 1.0
                 d = b - a
+                for ax in range(3):
+                    # a ray running *along* a voxel face up to rounding (not exactly on it): which side it
+                    # belongs to is decided by the last bit, differently here and in the walk
+                    off_face = abs((a[ax] + 0.5) - round(a[ax] + 0.5))
+                    if abs(d[ax]) < 1e-12 and 0 < off_face < 1e-9:
+                        raise AmbiguousRay
                 ts = [lo, hi]
                 for ax, N in enumerate((X, Y, Z)):
                     if d[ax] == 0:

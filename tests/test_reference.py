@@ -5,9 +5,9 @@ import math
 import numpy as np
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import assume, given, settings
 
-from _helpers import rel_err, scenes, siddon_oracle
+from _helpers import AmbiguousRay, rel_err, scenes, siddon_oracle
 from xwin.geometry import Geometry, GeometryError, circular_orbit
 from xwin.kernels import ProjectorInputError, backproject, project
 
@@ -78,7 +78,10 @@ def test_siddon_reference_matches_sorting_oracle(scene):
     shape, affine, geom = scene
     vol = torch.rand(shape, dtype=torch.float64, generator=torch.Generator().manual_seed(1)) + 0.5
     got = project(vol, geom, affine=affine, method="siddon", backend="torch")
-    want = siddon_oracle(vol.numpy(), affine, geom)
+    try:
+        want = siddon_oracle(vol.numpy(), affine, geom)
+    except AmbiguousRay:
+        assume(False)
     assert rel_err(got, torch.from_numpy(want)) <= 1e-9
 
 
