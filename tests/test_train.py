@@ -119,10 +119,13 @@ def test_ddp_two_cpu_processes_keep_replicas_identical(tmp_path):
     assert all(math.isfinite(r["loss"]) for r in _rows(out))
 
 
-# The learning test: the real loop with the real tiny config (renders cached on the 15° yaw grid).
-TINY_STEPS = 200
-ALIGN_DROP = 0.5     # measured drop over 200 steps: see docs/world_model.md; this margin is well inside it
-TOP1_FACTOR = 4.0    # end-of-run top-1 must be at least this many times chance (1/32)
+# The learning test: the real loop with the real tiny config (renders cached on the 15° yaw grid), on a
+# shorter schedule. Measured on this 2-core CPU (docs/world_model.md): the 300-step tiny run goes from
+# alignment loss 4.94 / top-1 0.06 at step 1 to 2.37 / 0.54 (mean of the last 20 steps); at step ~120 the
+# moving averages are about 2.8 / 0.35-0.40 (11-13x chance). The margins below sit well inside that.
+TINY_STEPS = 120
+ALIGN_DROP = 1.0     # alignment loss: step 1 minus the mean of the last 20 steps
+TOP1_FACTOR = 5.0    # mean top-1 over the last 20 steps, in multiples of chance (1/32)
 
 
 def test_tiny_config_learns(tmp_path):
@@ -130,9 +133,10 @@ def test_tiny_config_learns(tmp_path):
     s = train(cfg, tmp_path / "tiny", progress=False, plot=False)
     chance = s["chance_top1"]
     assert chance == pytest.approx(1 / 32)
-    assert s["top1_start"] < 2.5 * chance
-    assert s["align_end"] < s["align_start"] - ALIGN_DROP, s
+    assert s["top1_step1"] <= 3 * chance  # untrained: about chance
+    assert s["align_end"] < s["align_step1"] - ALIGN_DROP, s
     assert s["top1_end"] > TOP1_FACTOR * chance, s
+    assert s["render_fraction"] < 0.5  # cached renders: the grid views of 9 CTs, once
 
 
 @pytest.mark.gpu
