@@ -318,7 +318,7 @@ class RadiographPool:
         if sample:
             self.entries.append(("sample", None))
         if not self.entries:
-            raise DataSourceError("the radiograph pool is empty: give --cxr, or enable data.sample_radiograph")
+            raise DataSourceError("the radiograph pool is empty: give --cxr with at least one radiograph")
         self.load_size, self.device = int(load_size), device
         self._cache = _LRU(cache_size)
 
