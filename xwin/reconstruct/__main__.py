@@ -252,8 +252,10 @@ class Stages:
 def _bar(enabled, total, desc, unit="view"):
     from tqdm.auto import tqdm
 
+    # the voxel-chunked FDK reference reports fractional views done: show whole numbers
+    fmt = "{l_bar}{bar}| {n:.0f}/{total_fmt} [{elapsed}<{remaining}, {rate_fmt}]"
     return tqdm(total=total, desc=desc, unit=unit, disable=not enabled, leave=False, dynamic_ncols=True,
-                file=sys.stderr)
+                file=sys.stderr, bar_format=fmt)
 
 
 def simulate(mu, geometry, affine, method, show):
