@@ -88,7 +88,20 @@ def clip(o, e, lo, hi, tlo, thi, upper_open: bool):
 def siddon_walk(o, e, tlo, thi, shape) -> Iterator[Tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
     """Yield (ray ids, flat voxel index, segment length mm) for every step of every ray's voxel walk.
 
-    Zero-length or out-of-volume steps carry weight 0 (and a clamped, valid index).
+    Zero-length or out-of-volume steps carry weight 0 (and a valid index). The ``ids`` tensor is the same
+    object from step to step until finished rays are dropped (every 16 steps), so consumers can keep
+    per-ray data for it.
+
+    The float arithmetic is the kernels', operation for operation: the next crossing on an axis is
+    ``(c − p)·inv + b`` with ``c = i + ½·s`` the next boundary plane (a half-integer, exact), the step goes
+    to the axis of the smallest crossing with ties to the lowest axis, and the segment is
+    ``max(min(crossings, L) − t, 0)``. Speed on the CPU comes from how it is evaluated: only float tensor
+    operations in the hot loop, most in place (bool and int64 element-wise operations and bool→float
+    conversions run 4–7× slower in torch on the CPU than float ones), with the axis choice as 0/1 float
+    masks. Two representation changes keep that exact: an axis the ray never crosses gets the crossing
+    time ``finfo.max`` instead of +inf (so ``x·0`` stays 0; it never wins against the finite ``L``), and
+    the flat voxel index is carried in float64 (exact to 2^53) and advanced by ``s × stride`` of the axis
+    stepped on.
     """
     dev, dt = o.device, o.dtype
     N = torch.tensor(shape, device=dev, dtype=dt)
@@ -103,38 +116,52 @@ def siddon_walk(o, e, tlo, thi, shape) -> Iterator[Tuple[torch.Tensor, torch.Ten
     q = p + 0.5
     i = torch.where(e < 0, torch.ceil(q) - 1, torch.floor(q))
     i = torch.minimum(torch.maximum(i, torch.zeros_like(i)), N - 1)
-    nz = e != 0
+    big = torch.finfo(dt).max
+    # axes with e = 0 are never crossed. So are axes with |e| < 1e-30: the kernels' crossing time there is
+    # at least |c − p| / |e| (astronomically beyond any ray length, or inf), and keeping it finite here
+    # keeps (c − p)·inv from overflowing
+    nz = e.abs() > 1e-30
     inv = torch.where(nz, 1.0 / torch.where(nz, e, torch.ones_like(e)), torch.zeros_like(e))
-    # per-axis state as separate 1-D tensors (cheaper than (R, 3) reductions in the hot loop)
-    px, py, pz = p.unbind(1)
-    sx, sy, sz = s.unbind(1)
-    ix, iy, iz = i.unbind(1)
-    vx, vy, vz = inv.unbind(1)
-    bx, by, bz = (torch.where(nz[:, a], torch.zeros_like(L), torch.full_like(L, math.inf)) for a in range(3))
-    tnx = (ix + 0.5 * sx - px) * vx + bx          # +inf for axes the ray does not cross
-    tny = (iy + 0.5 * sy - py) * vy + by
-    tnz = (iz + 0.5 * sz - pz) * vz + bz
-    nxf, nyf, nzf = (float(n) for n in shape)
+    b = torch.where(nz, torch.zeros_like(e), torch.full_like(e, big))
+    s = torch.where(nz, s, torch.zeros_like(s))
+    c = i + 0.5 * s
+    tn = (c - p) * inv + b
+    # u < 0 while the voxel index is inside on that axis; it grows by 1 per step on the axis, and the index
+    # leaves the volume when u reaches 0 (s > 0: i = N; s < 0: i = −1)
+    u = torch.where(s > 0, i - N, torch.where(s < 0, -i - 1, torch.full_like(i, -1.0)))
     sY, sZ = shape[1] * shape[2], shape[2]
+    ddt = dt if sY <= (1 << 24) else torch.float64   # s × stride exact in the mask arithmetic
+    dflat = (s.to(ddt) * torch.tensor([sY, sZ, 1], device=dev, dtype=ddt))
+    flat = (i.double() * torch.tensor([sY, sZ, 1], device=dev, dtype=torch.float64)).sum(1)
+    nvox_1 = float(shape[0] * shape[1] * shape[2] - 1)
+
+    def split(x):
+        return [x[:, a].contiguous() for a in range(3)]
+
+    (px, py, pz), (cx, cy, cz), (sx, sy, sz) = split(p), split(c), split(s)
+    (vx, vy, vz), (bx, by, bz), (tx, ty, tz) = split(inv), split(b), split(tn)
+    (ux, uy, uz), (dX, dY, dZ) = split(u), split(dflat)
     t = torch.zeros_like(L)
+    mx, my, mz, buf, okf = (torch.empty_like(L) for _ in range(5))
     it = 0
     while True:
-        tmin = torch.minimum(torch.minimum(tnx, tny), torch.minimum(tnz, L))
-        seg = (tmin - t).clamp_(min=0.0)
-        ok = (ix >= 0) & (ix < nxf) & (iy >= 0) & (iy < nyf) & (iz >= 0) & (iz < nzf)
-        # integer arithmetic: float32 cannot index past 2^24 voxels
-        flat = (ix.clamp(0, nxf - 1).long() * sY + iy.clamp(0, nyf - 1).long() * sZ
-                + iz.clamp(0, nzf - 1).long())
-        yield ids, flat, seg * ok
-        mx = (tnx <= tny) & (tnx <= tnz)           # ties: lowest axis first (the kernels do the same)
-        my = ~mx & (tny <= tnz)
-        mz = ~(mx | my)
-        ix = ix + sx * mx
-        iy = iy + sy * my
-        iz = iz + sz * mz
-        tnx = torch.where(mx, (ix + 0.5 * sx - px) * vx + bx, tnx)
-        tny = torch.where(my, (iy + 0.5 * sy - py) * vy + by, tny)
-        tnz = torch.where(mz, (iz + 0.5 * sz - pz) * vz + bz, tnz)
+        tmin3 = torch.minimum(torch.minimum(tx, ty), tz)
+        tmin = torch.minimum(tmin3, L)
+        seg = torch.sub(tmin, t).clamp_(min=0.0)
+        w = seg.mul_(torch.lt(torch.maximum(torch.maximum(ux, uy), uz), 0.0, out=okf))
+        yield ids, flat.clamp(0.0, nvox_1).long(), w
+        # the axis stepped on: the first one whose crossing is the minimum
+        torch.eq(tx, tmin3, out=mx)
+        torch.eq(ty, tmin3, out=my).mul_(torch.rsub(mx, 1.0))
+        torch.neg(mx, out=mz).add_(1.0).sub_(my)
+        for m, cc, ss, pp, vv, bb, tt, uu in ((mx, cx, sx, px, vx, bx, tx, ux), (my, cy, sy, py, vy, by, ty, uy),
+                                              (mz, cz, sz, pz, vz, bz, tz, uz)):
+            cc.addcmul_(m, ss)
+            torch.sub(cc, pp, out=buf).mul_(vv).add_(bb)        # the new crossing (used where m = 1)
+            tt.mul_(torch.rsub(m, 1.0)).addcmul_(buf, m)         # exact: x·0 + y·1 = y, x·1 + y·0 = x
+            uu.add_(m)
+        d = (mx.to(ddt) * dX).addcmul_(my.to(ddt), dY).addcmul_(mz.to(ddt), dZ)
+        flat.add_(d)
         t = tmin
         it += 1
         if it % 16 == 0:                          # drop finished rays now and then
@@ -142,16 +169,33 @@ def siddon_walk(o, e, tlo, thi, shape) -> Iterator[Tuple[torch.Tensor, torch.Ten
             if not keep.any():
                 return
             if not keep.all():
-                (ids, L, t, px, py, pz, sx, sy, sz, ix, iy, iz, vx, vy, vz, bx, by, bz, tnx, tny, tnz) = (
-                    x[keep] for x in (ids, L, t, px, py, pz, sx, sy, sz, ix, iy, iz, vx, vy, vz, bx, by, bz,
-                                      tnx, tny, tnz))
+                (ids, L, t, flat, px, py, pz, cx, cy, cz, sx, sy, sz, vx, vy, vz, bx, by, bz, tx, ty, tz,
+                 ux, uy, uz, dX, dY, dZ) = (
+                    x[keep] for x in (ids, L, t, flat, px, py, pz, cx, cy, cz, sx, sy, sz, vx, vy, vz,
+                                      bx, by, bz, tx, ty, tz, ux, uy, uz, dX, dY, dZ))
+                mx, my, mz, buf, okf = (torch.empty_like(L) for _ in range(5))
+
+
+def padded_strides(shape):
+    """Strides of the volume zero-padded by one voxel on every side, and the flat offsets of the 8 cell
+    corners (a, b, c) ∈ {0, 1}³ from the corner (0, 0, 0)."""
+    X, Y, Z = shape
+    sY, sZ = (Y + 2) * (Z + 2), Z + 2
+    return sY, sZ, [a * sY + b * sZ + c for a in (0, 1) for b in (0, 1) for c in (0, 1)]
+
+
+def pad_flat(vol: torch.Tensor) -> torch.Tensor:
+    """(X, Y, Z) -> the flat (X+2)(Y+2)(Z+2) volume with a zero border (the interpolant's zero padding)."""
+    return torch.nn.functional.pad(vol, (1, 1, 1, 1, 1, 1)).reshape(-1)
 
 
 def trilinear_samples(o, e, tlo, thi, shape, dt: float):
-    """Yield (ray ids (R,), flat index (R, K), weights (8, R, K) mm, corner offsets (8,)) blocks.
+    """Yield (ray ids (R,), flat index (R, K), weights [8 × (R, K)] mm, corner offsets [8]) blocks.
 
-    The 8 corners of sample (r, k) sit at ``flat[r, k] + offsets[c]``; weights of corners outside the
-    volume (zero padding) or of samples past the end of the ray are 0 (their indices are clamped valid).
+    Indices address the volume zero-padded by one voxel (:func:`pad_flat`): corner c of sample (r, k) is
+    at ``flat[r, k] + offsets[c]``, always inside the padded buffer, and corners outside the volume read
+    the zero border, which is the interpolant's zero padding, so no corner needs a mask. Samples past the
+    end of the ray have weight 0 (their indices are clamped valid).
     """
     dev, cdt = o.device, o.dtype
     N = torch.tensor(shape, device=dev, dtype=cdt)
@@ -165,33 +209,29 @@ def trilinear_samples(o, e, tlo, thi, shape, dt: float):
     kmax = int(torch.ceil(L.max() / dt).item()) + 1
     R = ids.numel()
     K = max(1, min(kmax, _TRILINEAR_BUDGET // max(R, 1)))
-    X, Y, Z = shape
-    sY, sZ = Y * Z, Z
-    # a padded flat index keeps all 8 corners of a clamped base voxel inside the buffer: base in [-1, N-1]
+    sY, sZ, offsets = padded_strides(shape)
     for k0 in range(0, kmax, K):
         k = torch.arange(k0, min(kmax, k0 + K), device=dev, dtype=cdt)
         t = (k[None, :] + 0.5) * dt                                  # (R, K)
         inside = (t < L[:, None]).to(cdt) * dt
-        ws, bases = [], []
-        for a, n in enumerate(shape):
+        ws, flat = [], None
+        for a, (n, stride) in enumerate(zip(shape, (sY, sZ, 1))):
             q = p[:, a, None] + t * e[:, a, None]
             i0 = torch.floor(q)
             f = q - i0
-            w0 = (1 - f) * ((i0 >= 0) & (i0 <= n - 1))
-            w1 = f * ((i0 >= -1) & (i0 <= n - 2))
-            ws.append((w0, w1))
-            bases.append(i0.clamp(-1, n - 1))
-        # corner index = (base+da)*sY + ... ; clamp each coordinate so weight-0 corners stay in range
-        out_idx, out_w = [], []
+            ws.append((1 - f, f))
+            # padded coordinate of corner 0 is i0 + 1 ∈ [0, n] inside the support; clamp (float, exact)
+            # only matters for samples past the end of the ray; float64 keeps the flat index exact
+            ip = i0.clamp_(-1, n - 1).add_(1).double()
+            flat = ip.mul_(stride) if flat is None else flat.add_(ip.mul_(stride))
+        flat = flat.long()
+        out_w = []
         for da in (0, 1):
-            ia = (bases[0] + da).clamp(0, X - 1).long() * sY
             for db in (0, 1):
-                ib = ia + (bases[1] + db).clamp(0, Y - 1).long() * sZ
                 wab = ws[0][da] * ws[1][db]
                 for dc in (0, 1):
-                    out_idx.append(ib + (bases[2] + dc).clamp(0, Z - 1).long())
                     out_w.append(wab * ws[2][dc] * inside)
-        yield ids, out_idx, out_w
+        yield ids, flat, out_w, offsets
 
 
 def _setup(params, kind, rows, cols, vol_dtype, device):
@@ -208,15 +248,26 @@ def forward(volume: torch.Tensor, params: torch.Tensor, kind: str, rows: int, co
     out = torch.zeros(B, V * rows * cols, device=volume.device, dtype=cdt)
     for b in range(B):
         flatvol = volume[b].reshape(-1).to(cdt)
+        padvol = pad_flat(volume[b].to(cdt)) if method != "siddon" else None
         acc = out[b]
         for start, o, e, tlo, thi in ray_chunks(prm[b], kind, rows, cols, _SIDDON_CHUNK):
             part = torch.zeros(o.shape[0], device=volume.device, dtype=cdt)
             if method == "siddon":
+                # running sums per live ray, in walk order (acc += seg·v, as the kernels); written back to
+                # ``part`` and re-read only when the walk drops finished rays, not every step
+                last, racc = None, None
                 for ids, flat, seg in siddon_walk(o, e, tlo, thi, (X, Y, Z)):
-                    part.index_add_(0, ids, seg * flatvol.take(flat))
+                    if ids is not last:
+                        if last is not None:
+                            part[last] = racc
+                        last, racc = ids, part[ids]
+                    racc.add_(seg.mul_(flatvol.take(flat)))
+                if last is not None:
+                    part[last] = racc
             else:
-                for ids, idx, w in trilinear_samples(o, e, tlo, thi, (X, Y, Z), float(dt_mm[b])):
-                    val = sum(flatvol.take(ic) * wc for ic, wc in zip(idx, w))
+                for ids, flat, w, offs in trilinear_samples(o, e, tlo, thi, (X, Y, Z), float(dt_mm[b])):
+                    # corner c of every sample: a view of the padded volume shifted by its offset
+                    val = sum(padvol[off:].take(flat) * wc for off, wc in zip(offs, w))
                     part.index_add_(0, ids, val.sum(1))
             acc[start:start + o.shape[0]] = part
     return out.reshape(B, V, rows, cols)
@@ -232,6 +283,8 @@ def adjoint(proj: torch.Tensor, params: torch.Tensor, kind: str, shape, method: 
     pf = proj.reshape(B, -1).to(cdt)
     for b in range(B):
         acc = out[b]
+        if method != "siddon":          # trilinear scatters into a zero-bordered buffer, then crops it
+            accp = torch.zeros((X + 2) * (Y + 2) * (Z + 2), device=proj.device, dtype=cdt)
         for start, o, e, tlo, thi in ray_chunks(prm[b], kind, rows, cols, _SIDDON_CHUNK):
             y = pf[b, start:start + o.shape[0]]
             if method == "siddon":
@@ -241,8 +294,11 @@ def adjoint(proj: torch.Tensor, params: torch.Tensor, kind: str, shape, method: 
                         last, yl = ids, y[ids]
                     acc.index_add_(0, flat, seg * yl)
             else:
-                for ids, idx, w in trilinear_samples(o, e, tlo, thi, (X, Y, Z), float(dt_mm[b])):
+                for ids, flat, w, offs in trilinear_samples(o, e, tlo, thi, (X, Y, Z), float(dt_mm[b])):
                     yi = y[ids][:, None]
-                    for ic, wc in zip(idx, w):
-                        acc.index_add_(0, ic.reshape(-1), (wc * yi).reshape(-1))
+                    fl = flat.reshape(-1)
+                    for off, wc in zip(offs, w):
+                        accp[off:].index_add_(0, fl, (wc * yi).reshape(-1))
+        if method != "siddon":
+            acc.copy_(accp.reshape(X + 2, Y + 2, Z + 2)[1:-1, 1:-1, 1:-1].reshape(-1))
     return out.reshape(B, X, Y, Z).to(out_dtype)
