@@ -111,3 +111,28 @@ def test_diffdrr_pose_renders_the_same_rays():
     assert dd.check_rays(g) < 1e-3                                      # mm
     ref = project(mu.double(), g, affine=aff, method="siddon", backend="torch")
     assert C.rel_err(dd(dd.pose(g)), ref) < 1e-4
+
+
+def test_reference_speed_script_prints_times_and_checksums(capsys):
+    """The A/B timing script runs on the sample CT and prints, for both methods, times and the checksums of
+    the projection and backprojection (which equal the projector's own sums)."""
+    import reference_speed
+
+    from xwin.kernels import backproject, project
+
+    threads = torch.get_num_threads()
+    try:
+        assert reference_speed.main(["--ct", "sample", "--size", "16", "--reps", "1"]) is None
+    finally:
+        torch.set_num_threads(threads)   # the script pins 1 thread; do not leak that into later tests
+    out = capsys.readouterr().out
+    ct = C.load_ct("sample")
+    g = C.make_geometry(ct, 16, 25.0, 1)
+    aff = torch.tensor(ct.affine)
+    w = torch.rand(1, 16, 16, generator=torch.Generator().manual_seed(0))
+    for method in ("siddon", "trilinear"):
+        line = next(l for l in out.splitlines() if l.startswith(method))
+        p = project(ct.mu, g, affine=aff, method=method).double().sum().item()
+        v = backproject(w, g, ct.mu.shape, affine=aff, method=method).double().sum().item()
+        assert p > 0 and v > 0
+        assert f"checksums {p:.6f} {v:.6f}" in line

@@ -1,0 +1,48 @@
+"""Time the torch reference alone (forward and adjoint, Siddon and trilinear) on one CT, and print checksums.
+
+A quick A/B tool for changes to ``kernels/reference.py``: run it on two revisions; equal checksums mean the
+same numbers (to the printed digits), the medians compare the speed. 1 torch thread, float32.
+
+    python benchmarks/reference_speed.py [--ct real|sample|PATH] [--size 200] [--reps 3]
+"""
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import common as C  # noqa: E402
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--ct", default="auto", help="real | sample | auto | a path (as drr_speed.py)")
+    ap.add_argument("--size", type=int, default=200, help="detector size (pixels of 200/size·2 mm)")
+    ap.add_argument("--reps", type=int, default=3)
+    args = ap.parse_args(argv)
+    torch.set_num_threads(1)
+    from xwin.kernels import backproject, project
+
+    ct = C.load_ct(args.ct)
+    g = C.make_geometry(ct, args.size, 2.0 * 200 / args.size, 1)
+    aff = torch.tensor(ct.affine)
+    w = torch.rand(1, args.size, args.size, generator=torch.Generator().manual_seed(0))
+    print(f"{ct.name} {ct.shape}, detector {args.size}², 1 thread, float32, median of {args.reps}")
+    for method in ("siddon", "trilinear"):
+        tf, ta = [], []
+        for _ in range(args.reps):
+            t = time.perf_counter()
+            p = project(ct.mu, g, affine=aff, method=method)
+            tf.append(time.perf_counter() - t)
+            t = time.perf_counter()
+            v = backproject(w, g, ct.mu.shape, affine=aff, method=method)
+            ta.append(time.perf_counter() - t)
+        print(f"{method:9s} forward {sorted(tf)[len(tf) // 2]:.2f} s, adjoint {sorted(ta)[len(ta) // 2]:.2f} s, "
+              f"checksums {p.double().sum().item():.6f} {v.double().sum().item():.6f}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
