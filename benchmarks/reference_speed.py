@@ -1,9 +1,9 @@
 """Time the torch reference alone (forward and adjoint, Siddon and trilinear) on one CT, and print checksums.
 
 A quick A/B tool for changes to ``kernels/reference.py``: run it on two revisions; equal checksums mean the
-same numbers (to the printed digits), the medians compare the speed. 1 torch thread, float32.
+same numbers (to the printed digits), the medians compare the speed. float32, 1 torch thread by default.
 
-    python benchmarks/reference_speed.py [--ct real|sample|PATH] [--size 200] [--reps 3]
+    python benchmarks/reference_speed.py [--ct real|sample|PATH] [--size 200] [--reps 3] [--threads 1]
 """
 
 import argparse
@@ -22,15 +22,16 @@ def main(argv=None):
     ap.add_argument("--ct", default="auto", help="real | sample | auto | a path (as drr_speed.py)")
     ap.add_argument("--size", type=int, default=200, help="detector size (pixels of 200/size·2 mm)")
     ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
     args = ap.parse_args(argv)
-    torch.set_num_threads(1)
+    torch.set_num_threads(args.threads)
     from xwin.kernels import backproject, project
 
     ct = C.load_ct(args.ct)
     g = C.make_geometry(ct, args.size, 2.0 * 200 / args.size, 1)
     aff = torch.tensor(ct.affine)
     w = torch.rand(1, args.size, args.size, generator=torch.Generator().manual_seed(0))
-    print(f"{ct.name} {ct.shape}, detector {args.size}², 1 thread, float32, median of {args.reps}")
+    print(f"{ct.name} {ct.shape}, detector {args.size}², {args.threads} thread(s), float32, median of {args.reps}")
     for method in ("siddon", "trilinear"):
         tf, ta = [], []
         for _ in range(args.reps):
