@@ -25,7 +25,7 @@ import torch
 __all__ = ["forward", "adjoint"]
 
 _SIDDON_CHUNK = 1 << 17          # rays per chunk for the voxel walk (memory O(rays))
-_TRILINEAR_BUDGET = 1 << 20      # samples × rays per inner block for trilinear
+_TRILINEAR_BUDGET = 1 << 16      # samples × rays per inner block for trilinear (cache-sized: measured faster)
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
