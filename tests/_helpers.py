@@ -138,22 +138,27 @@ def siddon_oracle(volume: np.ndarray, affine: np.ndarray, geom: Geometry) -> np.
                 else:
                     D = geom.direction[vi].numpy()
                     a = Minv @ (P - off)
-                    b = a + Minv @ (D / np.linalg.norm(D))             # s in mm
+                    d_par = Minv @ (D / np.linalg.norm(D))            # s in mm
+                    b = a + d_par
                     lo, hi = -1e9, 1e9
                     wlen = 1.0
-                d = b - a
+                # parallel: the direction itself (b − a would round a component like 1e-128 away to 0)
+                d = b - a if geom.kind == "cone" else d_par
                 for ax in range(3):
-                    # a ray running *along* a voxel face up to rounding (not exactly on it): which side it
-                    # belongs to is decided by the last bit, differently here and in the walk
+                    # a ray running *along* a voxel face up to rounding (not exactly on it and exactly
+                    # parallel to it): which side it belongs to is decided by the last bit, differently here
+                    # and in the walk. That includes a ray through a face point with a direction component
+                    # of ~1e-128 (hypothesis found one): its re-origined entry point rounds onto the face.
                     off_face = abs((a[ax] + 0.5) - round(a[ax] + 0.5))
-                    if abs(d[ax]) < 1e-12 and 0 < off_face < 1e-9:
+                    if abs(d[ax]) < 1e-12 and off_face < 1e-9 and not (d[ax] == 0 and off_face == 0):
                         raise AmbiguousRay
                 ts = [lo, hi]
                 for ax, N in enumerate((X, Y, Z)):
                     if d[ax] == 0:
                         continue
                     planes = np.arange(N + 1) - 0.5
-                    ts.extend(((planes - a[ax]) / d[ax]).tolist())
+                    with np.errstate(over="ignore"):     # tiny d: crossings at ±inf, dropped below
+                        ts.extend(((planes - a[ax]) / d[ax]).tolist())
                 ts = np.array(sorted(t for t in ts if lo <= t <= hi))
                 total = 0.0
                 for t0, t1 in zip(ts[:-1], ts[1:]):
