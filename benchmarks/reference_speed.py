@@ -41,7 +41,7 @@ def main(argv=None):
             t = time.perf_counter()
             v = backproject(w, g, ct.mu.shape, affine=aff, method=method)
             ta.append(time.perf_counter() - t)
-        print(f"{method:9s} forward {sorted(tf)[len(tf) // 2]:.2f} s, adjoint {sorted(ta)[len(ta) // 2]:.2f} s, "
+        print(f"{method:9s} forward {C.median(tf):.2f} s, adjoint {C.median(ta):.2f} s, "
               f"checksums {p.double().sum().item():.6f} {v.double().sum().item():.6f}")
 
 

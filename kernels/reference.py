@@ -131,8 +131,9 @@ def siddon_walk(o, e, tlo, thi, shape) -> Iterator[Tuple[torch.Tensor, torch.Ten
     u = torch.where(s > 0, i - N, torch.where(s < 0, -i - 1, torch.full_like(i, -1.0)))
     sY, sZ = shape[1] * shape[2], shape[2]
     ddt = dt if sY <= (1 << 24) else torch.float64   # s × stride exact in the mask arithmetic
-    dflat = (s.to(ddt) * torch.tensor([sY, sZ, 1], device=dev, dtype=ddt))
-    flat = (i.double() * torch.tensor([sY, sZ, 1], device=dev, dtype=torch.float64)).sum(1)
+    strides = torch.tensor([sY, sZ, 1], device=dev, dtype=torch.float64)
+    dflat = s.to(ddt) * strides.to(ddt)
+    flat = (i.double() * strides).sum(1)
     nvox_1 = float(shape[0] * shape[1] * shape[2] - 1)
 
     def split(x):
@@ -247,8 +248,9 @@ def forward(volume: torch.Tensor, params: torch.Tensor, kind: str, rows: int, co
     prm, cdt = _setup(params, kind, rows, cols, volume.dtype, volume.device)
     out = torch.zeros(B, V * rows * cols, device=volume.device, dtype=cdt)
     for b in range(B):
-        flatvol = volume[b].reshape(-1).to(cdt)
-        padvol = pad_flat(volume[b].to(cdt)) if method != "siddon" else None
+        # Siddon reads the flat volume; trilinear a zero-bordered copy (see trilinear_samples)
+        vol_b = volume[b].to(cdt)
+        flatvol = vol_b.reshape(-1) if method == "siddon" else pad_flat(vol_b)
         acc = out[b]
         for start, o, e, tlo, thi in ray_chunks(prm[b], kind, rows, cols, _SIDDON_CHUNK):
             part = torch.zeros(o.shape[0], device=volume.device, dtype=cdt)
@@ -267,7 +269,7 @@ def forward(volume: torch.Tensor, params: torch.Tensor, kind: str, rows: int, co
             else:
                 for ids, flat, w, offs in trilinear_samples(o, e, tlo, thi, (X, Y, Z), float(dt_mm[b])):
                     # corner c of every sample: a view of the padded volume shifted by its offset
-                    val = sum(padvol[off:].take(flat) * wc for off, wc in zip(offs, w))
+                    val = sum(flatvol[off:].take(flat) * wc for off, wc in zip(offs, w))
                     part.index_add_(0, ids, val.sum(1))
             acc[start:start + o.shape[0]] = part
     return out.reshape(B, V, rows, cols)
