@@ -235,7 +235,7 @@ def run_case(case: Case, ct: C.CT, quick: bool) -> dict:
             if w is None:
                 with torch.no_grad():
                     return dd(poses[i])
-            d = dd.density(True)
+            dd.density(True)
             p = dd(poses[i])
             p.backward(w)
             return p.detach()
@@ -365,7 +365,8 @@ def derive(res: dict, ct: C.CT, bw_gbs: float) -> dict:
     per_sample = 4 if c["method"] == "siddon" else 32      # voxel bytes gathered per segment / sample
     gathered = samples * per_sample * (2 if c["mode"] == "fwdbwd" else 1)
     res.update({
-        "median_s": t, "min_s": min(res["times_s"]), "max_s": max(res["times_s"]), "drrs_per_s": drrs / t, "rays_per_s": rays / t, "samples": samples,
+        "median_s": t, "min_s": min(res["times_s"]), "max_s": max(res["times_s"]),
+        "drrs_per_s": drrs / t, "rays_per_s": rays / t, "samples": samples,
         "samples_per_s": samples * (2 if c["mode"] == "fwdbwd" else 1) / t,
         "bytes_compulsory": bytes_min, "bytes_gathered": gathered,
         "bound_s": bytes_min / (bw_gbs * 1e9), "fraction_of_bound": (bytes_min / (bw_gbs * 1e9)) / t,

@@ -14,12 +14,13 @@ where ``C, U, V`` are the detector centre and steps mapped to index space.
 from __future__ import annotations
 
 import math
-from typing import Optional, Tuple
+from typing import Tuple
 
 import numpy as np
 import torch
 
-from xwin.geometry import Geometry, GeometryError
+from xwin.geometry import Geometry
+from xwin.errors import XwinError
 
 __all__ = ["ProjectorInputError", "check_volume", "check_method", "affine_batch", "ray_params", "NPARAM"]
 
@@ -28,7 +29,7 @@ _FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 METHODS = ("siddon", "trilinear")
 
 
-class ProjectorInputError(ValueError):
+class ProjectorInputError(XwinError):
     """Bad input to project/backproject: wrong rank, dtype, device, empty volume, ..."""
 
 

@@ -25,12 +25,13 @@ from __future__ import annotations
 
 import math
 import os
-from typing import Optional, Sequence
+from typing import Sequence
 
 import numpy as np
 import torch
 
 from xwin.geometry import Geometry
+from xwin.errors import XwinError
 
 __all__ = ["view_matrices", "fdk_backproject", "backproject_reference", "backproject_triton", "AOT_SPECS",
            "BLOCK", "NUM_WARPS"]
@@ -40,7 +41,7 @@ NUM_WARPS = 4
 _INT32_MAX = 2**31 - 1
 
 
-class FDKBackprojectError(ValueError):
+class FDKBackprojectError(XwinError):
     """Bad input to the FDK backprojection (shapes, dtypes, devices)."""
 
 

@@ -3,7 +3,6 @@
 import math
 
 import numpy as np
-import pytest
 import torch
 
 from xwin.geometry import Geometry, circular_orbit, euler_zxy, xwin_pose

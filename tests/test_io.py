@@ -1,7 +1,5 @@
 """xwin.io: volumes and radiographs in and out."""
 
-import gzip
-import random
 
 import nibabel as nib
 import numpy as np

@@ -5,12 +5,11 @@ import math
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 
 from xwin import losses as L
 from xwin.masks import BlockMaskConfig, sample_block_masks
 from xwin.model import (VIT_SIZES, DomainClassifier, FrozenEncoder, MaskPredictor, ViewPredictor,
-                        VisionTransformer, XWinModel, build_model, ema_update, gather_tokens, load_encoder,
+                        VisionTransformer, build_model, ema_update, load_encoder,
                         sincos_pos_embed_2d)
 
 TINY = dict(size="tiny", img_size=32, patch_size=8, pred_width=64, view_pred_depth=2, mask_pred_depth=2,

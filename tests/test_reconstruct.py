@@ -13,7 +13,7 @@ import torch
 
 from xwin.geometry import Geometry, circular_orbit
 from xwin.reconstruct import cgls, fbp, fdk, sirt, tv_recon
-from xwin.reconstruct.filters import (FILTERS, ReconstructionError, fdk_weights, fit_orbit, fov_mask,
+from xwin.reconstruct.filters import (FILTERS, ReconstructionError, fit_orbit, fov_mask,
                                       parker_weights, ramp_filter, ramp_response)
 from xwin.reconstruct.iterative import divergence, gradient, poisson_noise_norm, tv, tv_prox
 

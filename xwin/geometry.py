@@ -15,18 +15,18 @@ Nothing below the builders (``circular_orbit``, ``xwin_pose``) knows about angle
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Optional, Sequence, Union
 
 import torch
+from .errors import XwinError
 
 __all__ = ["Geometry", "GeometryError", "circular_orbit", "xwin_pose", "euler_zxy"]
 
 TensorLike = Union[torch.Tensor, Sequence[float], Sequence[Sequence[float]], float]
 
 
-class GeometryError(ValueError):
+class GeometryError(XwinError):
     """Raised for a geometry that cannot describe a projection (NaN, degenerate detector, ...)."""
 
 

@@ -22,14 +22,14 @@ problem and the file.
 from __future__ import annotations
 
 import gzip
-import math
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, Sequence, Union
+from typing import Optional, Union
 
 import numpy as np
 import torch
+from .errors import XwinError
 
 __all__ = [
     "XwinIOError",
@@ -44,7 +44,7 @@ __all__ = [
 PathLike = Union[str, Path]
 
 
-class XwinIOError(ValueError):
+class XwinIOError(XwinError):
     """A file or folder could not be read as what was asked; the message names the problem and path."""
 
 

@@ -31,7 +31,7 @@ import time
 from collections import OrderedDict
 from contextlib import nullcontext
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence
+from typing import List, Optional, Sequence
 
 import numpy as np
 import torch
@@ -41,6 +41,7 @@ import torch.nn.functional as F
 from .masks import BlockMaskConfig, sample_block_masks
 from .model import ModelConfig, build_model, ema_update, gather_tokens
 from .render import CTItem, RenderConfig, Renderer, actions_to_model
+from .errors import XwinError
 
 __all__ = ["main", "train", "load_config", "DataSourceError", "CTPool", "RadiographPool", "lr_at", "wd_at",
            "momentum_at", "plot_run"]
@@ -94,7 +95,7 @@ DEFAULTS: dict = {
 }
 
 
-class DataSourceError(ValueError):
+class DataSourceError(XwinError):
     """A CT or radiograph source is empty, missing or unreadable."""
 
 

@@ -362,7 +362,7 @@ def run(args) -> dict:
         geometry, gdesc = scan_geometry(shape, affine, args)
     except GeometryError as exc:
         raise CLIError(f"bad scan geometry: {exc}")
-    nvox = int(np.prod(shape))
+    int(np.prod(shape))
     if show:
         print(f"xwin.reconstruct: {args.method.upper()} on {source}: {tuple(ct.data.shape)} -> {shape} voxels, "
               f"{args.geometry} beam, {args.views} views over {gdesc['arc_deg']:.1f} deg, detector "

@@ -39,6 +39,7 @@ import torch
 
 from xwin.geometry import Geometry
 from xwin.kernels.fdk_backproject import fdk_backproject, view_matrices
+from xwin.errors import XwinError
 
 __all__ = ["FILTERS", "ReconstructionError", "ramp_response", "ramp_filter", "Orbit", "fit_orbit",
            "parker_weights", "fdk_weights", "fdk", "fbp", "fov_mask"]
@@ -46,7 +47,7 @@ __all__ = ["FILTERS", "ReconstructionError", "ramp_response", "ramp_filter", "Or
 FILTERS = ("ram-lak", "shepp-logan", "cosine", "hamming", "hann")
 
 
-class ReconstructionError(ValueError):
+class ReconstructionError(XwinError):
     """Bad input to a reconstruction (shapes, geometry, options)."""
 
 
