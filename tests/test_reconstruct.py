@@ -329,21 +329,17 @@ def sample_small():
     """The embedded sample CT, 4x block-averaged (32 x 32 x 33 voxels of 11.25 x 11.25 x 10 mm), as μ."""
     from xwin.data import sample_ct
     from xwin.intensity import hu_to_mu
-    from xwin.reconstruct.__main__ import downsample
+    from xwin.reconstruct.scan import downsample
 
     v = downsample(sample_ct(), 4)
     return hu_to_mu(v.data), v.affine
 
 
 def _scan(mu, aff, views, kind="cone"):
-    from types import SimpleNamespace
-
     from xwin.kernels import project
-    from xwin.reconstruct.__main__ import scan_geometry
+    from xwin.reconstruct.scan import scan_geometry
 
-    args = SimpleNamespace(geometry=kind, sid=1000.0, sdd=1500.0, pixel_size=None, detector=None, arc=360.0,
-                           views=views)
-    g, _ = scan_geometry(tuple(mu.shape), aff, args)
+    g, _ = scan_geometry(tuple(mu.shape), aff, kind=kind, sid=1000.0, sdd=1500.0, arc=360.0, views=views)
     return g, project(mu, g, affine=aff)
 
 
@@ -556,3 +552,33 @@ def test_cli_rejects_unreadable_files(tmp_path):
     blocker.write_text("x")
     status, _, err = _cli(["--out", str(blocker / "sub")])
     assert status == 1 and "cannot write" in err
+    assert not (tmp_path / "o").exists()          # a failed run leaves no empty output folder behind
+
+
+@pytest.mark.parametrize("argv", [["--sid", "1000", "--sdd", "900"], ["--downsample", "200"]])
+def test_cli_bad_scan_leaves_no_output_folder(tmp_path, argv):
+    status, _, err = _cli(argv + ["--out", str(tmp_path / "o"), "--quiet"])
+    assert status == 2 and "error:" in err and "Traceback" not in err
+    assert not (tmp_path / "o").exists()
+
+
+def test_cli_from_model_dispatches_to_its_module(monkeypatch):
+    import types
+
+    seen = {}
+    fake = types.ModuleType("xwin.reconstruct.from_model")
+    fake.main = lambda argv: seen.setdefault("argv", argv) and 7
+    monkeypatch.setitem(sys.modules, "xwin.reconstruct.from_model", fake)
+    status, _, _ = _cli(["--from-model", "ck.pt", "--ct", "x.nii.gz"])
+    assert status == 7 and seen["argv"] == ["--from-model", "ck.pt", "--ct", "x.nii.gz"]
+
+
+def test_cli_from_model_missing_module_is_one_line(monkeypatch):
+    monkeypatch.setitem(sys.modules, "xwin.reconstruct.from_model", None)     # import fails
+    status, out, err = _cli(["--from-model", "ck.pt"])
+    assert status == 2 and "--from-model" in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+
+
+def test_cli_help_mentions_from_model():
+    status, out, _ = _cli(["--help"])
+    assert status == 0 and "--from-model" in out

@@ -112,12 +112,13 @@ def _planes(a: np.ndarray, sp, center=None):
     return [(ax, sp[1] / sp[0]), (co, sp[2] / sp[0]), (sa, sp[2] / sp[1])]
 
 
-def save_figure(path: str, truth_hu: np.ndarray, recon_hu: np.ndarray, affine: np.ndarray, projections,
-                title: str, metrics: Dict[str, object], residuals: Optional[Sequence[float]] = None,
+def save_figure(path: str, truth_hu: Optional[np.ndarray], recon_hu: np.ndarray, affine: np.ndarray, projections,
+                title: str, metrics: Optional[Dict[str, object]], residuals: Optional[Sequence[float]] = None,
                 window=(-1000.0, 600.0), error_window: float = 200.0, view_labels=None, proj_aspect: float = 1.0,
                 dpi: int = 80) -> None:
     """Axial / coronal / sagittal slices through the centre of truth, reconstruction and error (HU), a few
-    projections, and (for iterative methods) the residual history."""
+    projections, and (for iterative methods) the residual history. Without a truth (measured projections)
+    only the reconstruction's row is drawn and ``metrics`` may be None."""
     import matplotlib
 
     matplotlib.use("Agg", force=False)
@@ -125,16 +126,19 @@ def save_figure(path: str, truth_hu: np.ndarray, recon_hu: np.ndarray, affine: n
     from matplotlib.gridspec import GridSpec
 
     ornt, sp = display_axes(affine)
-    T = _canonical(np.asarray(truth_hu, dtype=np.float32), ornt)
     R = _canonical(np.asarray(recon_hu, dtype=np.float32), ornt)
-    E = R - T
-    fig = plt.figure(figsize=(14, 12.5))
-    outer = GridSpec(2, 1, figure=fig, height_ratios=[3, 0.85], hspace=0.16)
-    top = outer[0].subgridspec(3, 6, width_ratios=[1, 1, 1, 0.05, 0.3, 1.2], wspace=0.12, hspace=0.15)
+    rows = [("reconstruction", R, "gray", window)]
+    if truth_hu is not None:
+        T = _canonical(np.asarray(truth_hu, dtype=np.float32), ornt)
+        rows = [("truth", T, "gray", window), rows[0],
+                ("error (recon − truth)", R - T, "RdBu_r", (-error_window, error_window))]
+    n = len(rows)
+    fig = plt.figure(figsize=(14, 12.5 if n == 3 else 7.5))
+    outer = GridSpec(2, 1, figure=fig, height_ratios=[n, 0.85], hspace=0.16)
+    top = outer[0].subgridspec(max(n, 2) if residuals else n, 6, width_ratios=[1, 1, 1, 0.05, 0.3, 1.2],
+                               wspace=0.12, hspace=0.15)
     bottom = outer[1].subgridspec(1, 4, wspace=0.1)
     names = ("axial", "coronal", "sagittal")
-    rows = (("truth", T, "gray", window), ("reconstruction", R, "gray", window),
-            ("error (recon − truth)", E, "RdBu_r", (-error_window, error_window)))
     for ri, (label, vol, cmap, (lo, hi)) in enumerate(rows):
         for ci, (img, aspect) in enumerate(_planes(vol, sp)):
             axp = fig.add_subplot(top[ri, ci])
@@ -150,14 +154,16 @@ def save_figure(path: str, truth_hu: np.ndarray, recon_hu: np.ndarray, affine: n
     # right column: metrics text and residual history
     axt = fig.add_subplot(top[0, 5])
     axt.axis("off")
+    metrics = metrics or {}
     lines = [f"PSNR {metrics.get('psnr_db')} dB", f"SSIM {metrics.get('ssim')}",
-             f"RMSE {metrics.get('rmse_hu')} HU", f"FOV voxels {metrics.get('fov_voxels')}"]
+             f"RMSE {metrics.get('rmse_hu')} HU", f"FOV voxels {metrics.get('fov_voxels')}"] if metrics else \
+        ["no truth given:", "no metrics"]
     dr = metrics.get("data_range", {}).get("hu")
     if dr:
         lines.append(f"data range {dr[0]:.0f}..{dr[1]:.0f} HU")
     axt.text(0.0, 0.9, "\n".join(lines), va="top", ha="left", fontsize=11, family="monospace")
     if residuals:
-        axr = fig.add_subplot(top[1:3, 5])
+        axr = fig.add_subplot(top[1:, 5])
         axr.semilogy(np.arange(1, len(residuals) + 1), residuals, "-o", ms=3)
         axr.set_xlabel("iteration")
         axr.set_title("‖Ax − b‖ / ‖b‖", fontsize=10)
