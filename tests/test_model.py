@@ -237,15 +237,15 @@ def test_block_masks():
 
 # --------------------------------------------------------------------------------------------- renderer
 
-def _box_ct(key=0, value=0.02):
-    from xwin.render import CTItem
+def _box_ct(value=0.02):
+    from xwin.io import Volume
 
     mu = torch.zeros(24, 24, 24)
     mu[6:18, 8:16, 4:20] = value
     mu[10:12, 14:16, 4:20] = 3 * value  # an off-centre "spine" so lateral views differ from frontal ones
     aff = np.diag([8.0, 8.0, 8.0, 1.0])
     aff[:3, 3] = -11.5 * 8.0
-    return CTItem(mu, aff, key)
+    return Volume(mu, aff)
 
 
 def test_renderer_actions_and_images():
@@ -264,15 +264,15 @@ def test_renderer_actions_and_images():
     assert all(len(set(row.tolist())) == 4 for row in yaw)  # distinct yaws per CT
     assert torch.all(a[..., 1:] == 0)
     ct = _box_ct()
-    ctx, tgt = r.render([ct, _box_ct(1, 0.03), _box_ct(2, 0.01)], a)
+    ctx, tgt = r.render([ct, _box_ct(0.03), _box_ct(0.01)], a)
     assert ctx.shape == (3, 1, 32, 32) and tgt.shape == (3, 4, 1, 32, 32)
     assert ctx.min() >= 0 and ctx.max() <= 1
     # the context is exactly the normalised frontal projection, the targets the projections after the actions
     geom = xwin_pose(0.0, size=32, isocenter=tuple(ct.center_world))
-    ref = normalize_radiograph(project(ct.mu, geom, affine=ct.affine))
+    ref = normalize_radiograph(project(ct.data, geom, affine=ct.affine))
     assert torch.allclose(ctx[0, 0], ref[0], atol=1e-6)
     geom = xwin_pose(a[0, 2, 0], a[0, 2, 1], a[0, 2, 2], size=32, isocenter=tuple(ct.center_world))
-    ref = normalize_radiograph(project(ct.mu, geom, affine=ct.affine))
+    ref = normalize_radiograph(project(ct.data, geom, affine=ct.affine))
     assert torch.allclose(tgt[0, 2, 0], ref[0], atol=1e-6)
     # continuous actions and pitch/roll
     cfg2 = RenderConfig.from_dict(dict(size=32, n_targets=5, yaw_step=None, pitch_range=[-10, 10], roll_range=[-5, 5]))
@@ -290,10 +290,10 @@ def test_render_cache_gives_identical_images():
     plain = Renderer(RenderConfig.from_dict(base))
     cached = Renderer(RenderConfig.from_dict({**base, "cache": True}))
     g = torch.Generator().manual_seed(1)
-    cts = [_box_ct(0), _box_ct(1, 0.05)]
+    cts = [_box_ct(), _box_ct(0.05)]
     for _ in range(3):
         a = plain.sample_actions(2, g)
         c1, t1 = plain.render(cts, a)
-        c2, t2 = cached.render(cts, a)
+        c2, t2 = cached.render(cts, a, keys=[0, 1])
         assert torch.allclose(c1, c2, atol=1e-6) and torch.allclose(t1, t2, atol=1e-6)
     assert cached.views_rendered == 2 * 7  # every grid view (-90..90 step 30) of each CT, once

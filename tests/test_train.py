@@ -59,7 +59,7 @@ def test_resume_is_exact(tmp_path):
     train(cfg, a, progress=False, plot=False)
     s = train(cfg, b, stop_after=2, progress=False, plot=False)
     assert s["steps_done"] == 2 and (b / "checkpoint.pt").exists()
-    ck = torch.load(b / "checkpoint.pt", weights_only=False)
+    ck = torch.load(b / "checkpoint.pt", weights_only=True)
     assert ck["step"] == 2 and {"model", "target_encoder", "optimizer", "rng", "data_rng", "schedule"} <= set(ck)
     with open(b / "metrics.jsonl", "a") as f:  # a line logged after the checkpoint by a "crashed" run
         f.write(json.dumps({"step": 3, "loss": -1.0}) + "\n")
@@ -70,8 +70,8 @@ def test_resume_is_exact(tmp_path):
     keys = ["loss", "align", "infonce", "affinity", "top1", "mim", "domain", "cls", "grad_norm", "lr", "wd", "momentum"]
     for x, y in zip(ra, rb):
         assert {k: x[k] for k in keys} == {k: y[k] for k in keys}, f"step {x['step']} differs after resume"
-    ta = torch.load(a / "checkpoint.pt", weights_only=False)
-    tb = torch.load(b / "checkpoint.pt", weights_only=False)
+    ta = torch.load(a / "checkpoint.pt", weights_only=True)
+    tb = torch.load(b / "checkpoint.pt", weights_only=True)
     for k in ta["model"]:
         assert torch.equal(ta["model"][k], tb["model"][k]), k
     for k in ta["target_encoder"]:
@@ -113,7 +113,7 @@ def test_ddp_two_cpu_processes_keep_replicas_identical(tmp_path):
     s = json.loads((out / "summary.json").read_text())
     assert s["world_size"] == 2 and s["steps_done"] == 3
     assert s["replica_max_abs_diff"] == 0.0
-    ck = torch.load(out / "checkpoint.pt", weights_only=False)
+    ck = torch.load(out / "checkpoint.pt", weights_only=True)
     assert ck["world_size"] == 2 and len(ck["data_rng"]) == 2
     assert not torch.equal(ck["data_rng"][0], ck["data_rng"][1])  # ranks draw different data
     assert all(math.isfinite(r["loss"]) for r in _rows(out))

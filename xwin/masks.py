@@ -19,6 +19,8 @@ from typing import Optional, Tuple
 
 import torch
 
+from .errors import XwinError
+
 __all__ = ["BlockMaskConfig", "sample_block_masks"]
 
 
@@ -36,7 +38,7 @@ class BlockMaskConfig:
         d = dict(d or {})
         unknown = set(d) - set(cls.__dataclass_fields__)
         if unknown:
-            raise ValueError(f"unknown mask config keys: {sorted(unknown)}")
+            raise XwinError(f"unknown mask config keys: {sorted(unknown)}")
         for k in ("pred_scale", "enc_scale", "aspect_ratio"):
             if k in d:
                 d[k] = tuple(d[k])
@@ -72,9 +74,9 @@ def sample_block_masks(batch: int, grid: int, cfg: BlockMaskConfig,
     disjoint per row, ``Kc >= cfg.min_keep`` and ``Kp >= 1``.
     """
     if batch < 1 or grid < 2:
-        raise ValueError(f"need batch >= 1 and grid >= 2, got batch={batch}, grid={grid}")
+        raise XwinError(f"need batch >= 1 and grid >= 2, got batch={batch}, grid={grid}")
     if cfg.min_keep >= grid * grid:
-        raise ValueError(f"min_keep={cfg.min_keep} leaves nothing to predict on a {grid}x{grid} grid")
+        raise XwinError(f"min_keep={cfg.min_keep} leaves nothing to predict on a {grid}x{grid} grid")
     g = generator
     ph, pw = _block_size(grid, cfg.pred_scale, cfg.aspect_ratio, g)
     eh, ew = _block_size(grid, cfg.enc_scale, (1.0, 1.0), g)
@@ -90,7 +92,7 @@ def sample_block_masks(batch: int, grid: int, cfg: BlockMaskConfig,
         else:  # could not fit: fall back to everything outside the target blocks as context
             ctx = ~pred
             if int(ctx.sum()) < cfg.min_keep:
-                raise ValueError("mask configuration leaves fewer than min_keep context patches")
+                raise XwinError("mask configuration leaves fewer than min_keep context patches")
         keeps.append(torch.nonzero(ctx.flatten()).flatten())
         preds.append(torch.nonzero(pred.flatten()).flatten())
     kc = min(len(k) for k in keeps)

@@ -14,13 +14,17 @@ The losses live in :mod:`xwin.losses`; the training step that wires everything t
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Dict, Optional, Union
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from .errors import XwinError
 
 __all__ = [
     "VIT_SIZES",
@@ -34,6 +38,9 @@ __all__ = [
     "ema_update",
     "gather_tokens",
     "load_encoder",
+    "export_encoder",
+    "safe_load",
+    "CheckpointError",
     "FrozenEncoder",
 ]
 
@@ -53,7 +60,7 @@ def sincos_pos_embed_2d(dim: int, grid_h: int, grid_w: int) -> torch.Tensor:
     embedding ``[sin(p·ω_k), cos(p·ω_k)]`` with ``ω_k = 10000^(-k/(dim/4))``.
     """
     if dim % 4 != 0:
-        raise ValueError(f"sin-cos position embedding needs a width divisible by 4, got {dim}")
+        raise XwinError(f"sin-cos position embedding needs a width divisible by 4, got {dim}")
     quarter = dim // 4
     omega = 1.0 / (10000.0 ** (torch.arange(quarter, dtype=torch.float64) / quarter))
     rows = torch.arange(grid_h, dtype=torch.float64)
@@ -74,7 +81,7 @@ class Attention(nn.Module):
     def __init__(self, dim: int, heads: int, qkv_bias: bool = True):
         super().__init__()
         if dim % heads != 0:
-            raise ValueError(f"width {dim} is not divisible by {heads} heads")
+            raise XwinError(f"width {dim} is not divisible by {heads} heads")
         self.heads = heads
         self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
         self.proj = nn.Linear(dim, dim)
@@ -154,7 +161,7 @@ class VisionTransformer(nn.Module):
                  depth: int = 12, num_heads: int = 12, mlp_ratio: float = 4.0):
         super().__init__()
         if img_size % patch_size != 0:
-            raise ValueError(f"image size {img_size} is not a multiple of the patch size {patch_size}")
+            raise XwinError(f"image size {img_size} is not a multiple of the patch size {patch_size}")
         self.img_size, self.patch_size, self.in_chans = img_size, patch_size, in_chans
         self.grid = img_size // patch_size
         self.num_patches = self.grid * self.grid
@@ -173,7 +180,7 @@ class VisionTransformer(nn.Module):
 
     def forward(self, x: torch.Tensor, keep: Optional[torch.Tensor] = None) -> torch.Tensor:
         if x.dim() != 4 or x.shape[1] != self.in_chans or x.shape[-2:] != (self.img_size, self.img_size):
-            raise ValueError(f"expected images (B, {self.in_chans}, {self.img_size}, {self.img_size}), "
+            raise XwinError(f"expected images (B, {self.in_chans}, {self.img_size}, {self.img_size}), "
                              f"got {tuple(x.shape)}")
         x = self.patch_embed(x * 2.0 - 1.0).flatten(2).transpose(1, 2)
         x = x + self.pos_embed.to(x.dtype)
@@ -207,7 +214,7 @@ class ViewPredictor(nn.Module):
     def forward(self, ctx: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
         b, p, _ = ctx.shape
         if actions.dim() != 3 or actions.shape[0] != b or actions.shape[2] != self.action_dim:
-            raise ValueError(f"actions must be (B={b}, N, {self.action_dim}), got {tuple(actions.shape)}")
+            raise XwinError(f"actions must be (B={b}, N, {self.action_dim}), got {tuple(actions.shape)}")
         n = actions.shape[1]
         x = self.embed(ctx) + self.pos_embed.to(ctx.dtype)  # computed once per context image
         x = x.unsqueeze(1).expand(b, n, p, x.shape[-1]).reshape(b * n, p, x.shape[-1])
@@ -283,8 +290,16 @@ class ModelConfig:
         d = dict(d or {})
         unknown = set(d) - set(cls.__dataclass_fields__)
         if unknown:
-            raise ValueError(f"unknown model config keys: {sorted(unknown)}")
-        return cls(**d)
+            raise XwinError(f"unknown model config keys: {sorted(unknown)}")
+        cfg = cls(**d)
+        cfg.validate()
+        return cfg
+
+    def validate(self) -> None:
+        if self.size not in VIT_SIZES:
+            raise XwinError(f"unknown ViT size {self.size!r}; choose one of {sorted(VIT_SIZES)}")
+        if self.img_size % self.patch_size != 0:
+            raise XwinError(f"model.img_size {self.img_size} is not a multiple of model.patch_size {self.patch_size}")
 
 
 class XWinModel(nn.Module):
@@ -295,7 +310,7 @@ class XWinModel(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         if cfg.size not in VIT_SIZES:
-            raise ValueError(f"unknown ViT size {cfg.size!r}; choose one of {sorted(VIT_SIZES)}")
+            raise XwinError(f"unknown ViT size {cfg.size!r}; choose one of {sorted(VIT_SIZES)}")
         self.cfg = cfg
         dim, depth, heads = VIT_SIZES[cfg.size]
         self.encoder = VisionTransformer(cfg.img_size, cfg.patch_size, cfg.in_chans, dim, depth, heads)
@@ -369,7 +384,7 @@ def ema_update(target: nn.Module, online: nn.Module, momentum: float) -> None:
     tp = list(target.parameters())
     op = [p.detach() for p in online.parameters()]
     if len(tp) != len(op):
-        raise ValueError("target and online modules have different parameter lists")
+        raise XwinError("target and online modules have different parameter lists")
     torch._foreach_mul_(tp, momentum)
     torch._foreach_add_(tp, op, alpha=1.0 - momentum)
     for tb, ob in zip(target.buffers(), online.buffers()):
@@ -413,26 +428,118 @@ class FrozenEncoder(nn.Module):
         return super().train(False)
 
 
-def load_encoder(checkpoint, which: str = "target", map_location="cpu") -> FrozenEncoder:
-    """Load a frozen encoder from an X-WIN training checkpoint (a path or an already loaded dict).
+class CheckpointError(XwinError):
+    """A checkpoint or encoder file that cannot be read safely (not plain weights, corrupt, wrong kind)."""
 
-    ``which="target"`` (default) gives the EMA encoder f_θ′ (the usual JEPA choice for downstream use),
-    ``which="context"`` the online encoder f_θ.
+
+ENCODER_FORMAT = "xwin-encoder-v1"
+
+
+def safe_load(path, map_location="cpu") -> dict:
+    """``torch.load(path, weights_only=True)``: tensors, plain containers and numbers only, never code.
+
+    A file whose unpickling would build other objects (or run a ``__reduce__``) is refused with a
+    :class:`CheckpointError` before anything of it is executed.
+    """
+    import pickle
+
+    try:
+        obj = torch.load(path, map_location=map_location, weights_only=True)
+    except FileNotFoundError:
+        raise CheckpointError(f"checkpoint not found: {path}") from None
+    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, AttributeError, TypeError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"refusing to load {path}: not a plain-weights checkpoint "
+                              f"(it is corrupt or unpickling it would run code or build objects: {first})") from None
+    if not isinstance(obj, dict):
+        raise CheckpointError(f"{path} does not hold a checkpoint dict (got {type(obj).__name__})")
+    return obj
+
+
+def _is_safetensors(path) -> bool:
+    try:
+        with open(path, "rb") as f:
+            head = f.read(9)
+    except OSError:
+        return False
+    return len(head) == 9 and head[8:9] == b"{"
+
+
+def _encoder_state(ckpt: dict, which: str) -> Dict[str, torch.Tensor]:
+    if which not in ("target", "context"):
+        raise XwinError("which must be 'target' or 'context'")
+    if "model_config" not in ckpt:
+        raise CheckpointError("not an X-WIN checkpoint: it has no 'model_config'")
+    if which == "target":
+        if "target_encoder" not in ckpt:
+            raise CheckpointError("the checkpoint has no 'target_encoder'")
+        return dict(ckpt["target_encoder"])
+    prefix = "encoder."
+    return {k[len(prefix):]: v for k, v in ckpt.get("model", {}).items() if k.startswith(prefix)}
+
+
+def _build_encoder(model_config: dict) -> VisionTransformer:
+    cfg = ModelConfig.from_dict(model_config)
+    if cfg.size not in VIT_SIZES:
+        raise CheckpointError(f"unknown ViT size {cfg.size!r} in the model config")
+    dim, depth, heads = VIT_SIZES[cfg.size]
+    return VisionTransformer(cfg.img_size, cfg.patch_size, cfg.in_chans, dim, depth, heads)
+
+
+def export_encoder(checkpoint, path, which: str = "target") -> Path:
+    """Write the encoder of an X-WIN training checkpoint (a path or a loaded dict) as safetensors.
+
+    The file holds the encoder's weights (float tensors, no code) and, in the safetensors metadata, the
+    model config (``xwin_model_config``, JSON), which encoder it is (``xwin_which``) and the format tag
+    (``format = "xwin-encoder-v1"``). :func:`load_encoder` reads it back.
+    """
+    from safetensors.torch import save_file
+
+    ckpt = checkpoint if isinstance(checkpoint, dict) else safe_load(checkpoint)
+    state = {k: v.detach().cpu().contiguous() for k, v in _encoder_state(ckpt, which).items()}
+    meta = {"format": ENCODER_FORMAT, "xwin_which": which,
+            "xwin_model_config": json.dumps(dict(ckpt["model_config"]), sort_keys=True)}
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    save_file(state, str(tmp), metadata=meta)
+    tmp.replace(path)
+    return path
+
+
+def _load_safetensors_encoder(path, map_location) -> VisionTransformer:
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+        state = load_file(str(path), device="cpu")
+    except Exception as e:
+        raise CheckpointError(f"cannot read {path} as safetensors: {type(e).__name__}: {e}") from None
+    if meta.get("format") != ENCODER_FORMAT or "xwin_model_config" not in meta:
+        raise CheckpointError(f"{path} is a safetensors file but not an exported X-WIN encoder "
+                              f"(metadata format={meta.get('format')!r})")
+    enc = _build_encoder(json.loads(meta["xwin_model_config"]))
+    enc.load_state_dict(state)
+    return enc
+
+
+def load_encoder(checkpoint, which: str = "target", map_location="cpu") -> FrozenEncoder:
+    """A frozen encoder from an exported encoder (``.safetensors``, see :func:`export_encoder`), an X-WIN
+    training checkpoint (a path, read with ``weights_only=True``) or an already loaded checkpoint dict.
+
+    For a checkpoint, ``which="target"`` (default) gives the EMA encoder f_θ′ (the usual JEPA choice for
+    downstream use), ``which="context"`` the online encoder f_θ. An exported file holds one encoder.
     """
     if which not in ("target", "context"):
-        raise ValueError("which must be 'target' or 'context'")
-    ckpt = checkpoint
-    if not isinstance(ckpt, dict):
-        ckpt = torch.load(checkpoint, map_location=map_location, weights_only=False)
-    if "model_config" not in ckpt:
-        raise ValueError("not an X-WIN checkpoint: it has no 'model_config'")
-    model, target = build_model(ckpt["model_config"])
-    if which == "target":
-        target.load_state_dict(ckpt["target_encoder"])
-        enc = target
+        raise XwinError("which must be 'target' or 'context'")
+    if not isinstance(checkpoint, dict) and _is_safetensors(checkpoint):
+        enc = _load_safetensors_encoder(checkpoint, map_location)
     else:
-        prefix = "encoder."
-        state = {k[len(prefix):]: v for k, v in ckpt["model"].items() if k.startswith(prefix)}
-        model.encoder.load_state_dict(state)
-        enc = model.encoder
+        ckpt = checkpoint if isinstance(checkpoint, dict) else safe_load(checkpoint, map_location)
+        state = _encoder_state(ckpt, which)  # checks that it is an X-WIN checkpoint
+        enc = _build_encoder(ckpt["model_config"])
+        enc.load_state_dict(state)
+    for p in enc.parameters():
+        p.requires_grad_(False)
     return FrozenEncoder(enc.to(map_location) if isinstance(map_location, (str, torch.device)) else enc)

@@ -22,13 +22,15 @@ from __future__ import annotations
 import itertools
 import time
 from dataclasses import dataclass
-from typing import Dict, Optional, Sequence, Tuple
+from typing import Dict, Hashable, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-__all__ = ["RenderConfig", "Renderer", "CTItem"]
+from .errors import XwinError
+
+__all__ = ["RenderConfig", "Renderer", "actions_to_model"]
 
 
 @dataclass
@@ -55,7 +57,7 @@ class RenderConfig:
         d = dict(d or {})
         unknown = set(d) - set(cls.__dataclass_fields__)
         if unknown:
-            raise ValueError(f"unknown render config keys: {sorted(unknown)}")
+            raise XwinError(f"unknown render config keys: {sorted(unknown)}")
         for k in ("yaw_range", "pitch_range", "roll_range"):
             if k in d:
                 d[k] = tuple(float(x) for x in d[k])
@@ -65,15 +67,15 @@ class RenderConfig:
 
     def validate(self) -> None:
         if self.method not in ("siddon", "trilinear"):
-            raise ValueError(f"render.method must be 'siddon' or 'trilinear', got {self.method!r}")
+            raise XwinError(f"render.method must be 'siddon' or 'trilinear', got {self.method!r}")
         if self.size < 2 or self.n_targets < 1:
-            raise ValueError("render.size must be >= 2 and render.n_targets >= 1")
+            raise XwinError("render.size must be >= 2 and render.n_targets >= 1")
         for name in ("yaw", "pitch", "roll"):
             lo, hi = getattr(self, f"{name}_range")
             if hi < lo:
-                raise ValueError(f"render.{name}_range must be (low, high), got {(lo, hi)}")
+                raise XwinError(f"render.{name}_range must be (low, high), got {(lo, hi)}")
         if self.cache and not self.on_grid:
-            raise ValueError("render.cache needs grid actions: set yaw_step (and pitch/roll steps if their "
+            raise XwinError("render.cache needs grid actions: set yaw_step (and pitch/roll steps if their "
                              "ranges are not empty)")
 
     def _axis(self, name: str) -> Optional[np.ndarray]:
@@ -95,27 +97,15 @@ class RenderConfig:
         """All grid actions (K, 3) in degrees (only for grid configs)."""
         axes = [self._axis(a) for a in ("yaw", "pitch", "roll")]
         if any(a is None for a in axes):
-            raise ValueError("continuous actions have no grid")
+            raise XwinError("continuous actions have no grid")
         return np.array(list(itertools.product(*axes)), dtype=np.float64)
 
 
-@dataclass
-class CTItem:
-    """One CT ready for rendering: μ volume (X, Y, Z) in 1/mm on the training device, affine voxel->world
-    mm, and a stable integer key (for the render cache)."""
-
-    mu: torch.Tensor
-    affine: np.ndarray
-    key: int
-
-    @property
-    def center_world(self) -> np.ndarray:
-        c = (np.asarray(self.mu.shape[-3:], dtype=np.float64) - 1.0) / 2.0
-        return self.affine[:3, :3] @ c + self.affine[:3, 3]
-
-
 class Renderer:
-    """Samples actions and renders context/target images for a batch of :class:`CTItem`."""
+    """Samples actions and renders context/target images for a batch of CTs.
+
+    A CT is an :class:`xwin.io.Volume` whose ``data`` holds μ (1/mm) on the rendering device, ``(X, Y, Z)``.
+    """
 
     def __init__(self, cfg: RenderConfig, img_size: Optional[int] = None):
         self.cfg = cfg
@@ -144,7 +134,7 @@ class Renderer:
         return torch.stack(cols, dim=-1)
 
     # ------------------------------------------------------------------ rendering
-    def _project(self, ct: CTItem, angles_deg: np.ndarray) -> torch.Tensor:
+    def _project(self, ct, angles_deg: np.ndarray) -> torch.Tensor:
         """Normalised images (V, size, size) for the given (V, 3) angles, one project call."""
         from xwin.geometry import xwin_pose
         from xwin.intensity import normalize_radiograph
@@ -154,7 +144,7 @@ class Renderer:
         a = torch.as_tensor(angles_deg, dtype=torch.float64)
         geom = xwin_pose(a[:, 0], a[:, 1], a[:, 2], size=c.size, pixel_size=c.pixel_size, sdd=c.sdd, sid=c.sid,
                          isocenter=tuple(float(x) for x in ct.center_world))
-        p = project(ct.mu, geom.to(ct.mu.device), affine=ct.affine, method=c.method, step=c.step,
+        p = project(ct.data, geom.to(ct.data.device), affine=ct.affine, method=c.method, step=c.step,
                     backend=c.backend)
         img = normalize_radiograph(p.float())
         if self.img_size != c.size:
@@ -163,36 +153,40 @@ class Renderer:
         self.views_rendered += a.shape[0]
         return img
 
-    def _cached(self, ct: CTItem, angles: np.ndarray) -> torch.Tensor:
-        if ct.key not in self._cache:
+    def _cached(self, ct, key: Hashable, angles: np.ndarray) -> torch.Tensor:
+        if key not in self._cache:
             grid = self.cfg.grid_actions()
             if not np.any(np.all(grid == 0.0, axis=1)):
                 grid = np.concatenate([np.zeros((1, 3)), grid])
             index = {tuple(float(x) for x in row): i for i, row in enumerate(grid)}
-            self._cache[ct.key] = (index, self._project(ct, grid))
-        index, imgs = self._cache[ct.key]
+            self._cache[key] = (index, self._project(ct, grid))
+        index, imgs = self._cache[key]
         try:
             rows = [index[tuple(float(x) for x in row)] for row in angles]
         except KeyError as e:
-            raise ValueError(f"action {e} is not on the render grid") from None
+            raise XwinError(f"action {e} is not on the render grid") from None
         return imgs[torch.as_tensor(rows, device=imgs.device)]
 
-    def render(self, cts: Sequence[CTItem], actions_deg: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    def render(self, cts: Sequence, actions_deg: torch.Tensor,
+               keys: Optional[Sequence[Hashable]] = None) -> Tuple[torch.Tensor, torch.Tensor]:
         """Context ``(B, 1, S, S)`` and targets ``(B, N, 1, S, S)`` images in [0, 1] on the CTs' device.
 
-        ``actions_deg``: (B, N, 3) degrees, e.g. from :meth:`sample_actions`.
+        ``cts``: μ volumes (:class:`xwin.io.Volume`); ``actions_deg``: (B, N, 3) degrees, e.g. from
+        :meth:`sample_actions`; ``keys``: one stable hashable per CT (its identity), needed with ``cache``.
         """
         if len(cts) != actions_deg.shape[0]:
-            raise ValueError(f"{len(cts)} CTs but actions for {actions_deg.shape[0]}")
-        dev = cts[0].mu.device
+            raise XwinError(f"{len(cts)} CTs but actions for {actions_deg.shape[0]}")
+        if self.cfg.cache and (keys is None or len(keys) != len(cts)):
+            raise XwinError("render.cache needs one key per CT (Renderer.render(cts, actions, keys=...))")
+        dev = cts[0].data.device
         sync = dev.type == "cuda"
         if sync:
             torch.cuda.synchronize(dev)
         t0 = time.perf_counter()
         ctxs, tgts = [], []
-        for ct, act in zip(cts, actions_deg):
+        for i, (ct, act) in enumerate(zip(cts, actions_deg)):
             angles = np.concatenate([np.zeros((1, 3)), act.detach().cpu().double().numpy()])
-            imgs = self._cached(ct, angles) if self.cfg.cache else self._project(ct, angles)
+            imgs = self._cached(ct, keys[i], angles) if self.cfg.cache else self._project(ct, angles)
             ctxs.append(imgs[:1])
             tgts.append(imgs[1:])
         ctx = torch.stack(ctxs)  # (B, 1, S, S)
