@@ -14,6 +14,9 @@ What is here (one module per job; everything is importable from ``xwin.io``):
 * :func:`save_volume` (:mod:`.nifti`) - NIfTI out.
 * :func:`resample`, :func:`crop_or_pad` (:mod:`.grid`) - onto a new grid about the same centre; to a
   fixed shape about the body.
+* :func:`load_projections` (:mod:`.projections`) - projection stacks (MetaImage, NIfTI, .npy) for
+  reconstruction; :func:`read_metaimage` / :func:`write_metaimage` (:mod:`.metaimage`) - ITK MetaImage.
+  :func:`load_volume` also reads a 3-D MetaImage volume (ITK's LPS -> RAS+).
 * :func:`load_radiograph` (:mod:`.radiograph`) - DICOM / PNG / JPEG / TIFF radiograph as ``(H, W)``
   float32 in [0, 1], "bright = dense".
 
@@ -26,7 +29,9 @@ from __future__ import annotations
 from ._common import XwinIOError
 from .grid import crop_or_pad, resample
 from .load import load_volume
+from .metaimage import read_metaimage, write_metaimage
 from .nifti import save_volume
+from .projections import ProjectionStack, load_projections
 from .radiograph import load_radiograph
 from .volume import Volume
 
@@ -38,4 +43,8 @@ __all__ = [
     "resample",
     "crop_or_pad",
     "load_radiograph",
+    "load_projections",
+    "ProjectionStack",
+    "read_metaimage",
+    "write_metaimage",
 ]

@@ -1,0 +1,192 @@
+"""RTK geometry <-> xwin vector geometry, MetaImage I/O, geometry JSON; and, where ITK/RTK is installed
+(``pip install itk-rtk``), agreement with RTK itself: its matrices, its Joseph projections, its FDK."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from xwin.geometry import Geometry, circular_orbit
+from xwin.io import XwinIOError, load_projections, load_volume, read_metaimage, write_metaimage
+from xwin.reconstruct.rtk import (RTKGeometry, centered_detector_frame, geometry_from_json, geometry_to_json,
+                                  load_geometry, read_rtk_geometry, rtk_matrices, rtk_to_vector, write_rtk_geometry)
+
+PARAMS = ("sid", "sdd", "gantry", "proj_offset_x", "proj_offset_y", "out_of_plane", "in_plane", "source_offset_x",
+          "source_offset_y")
+
+
+def random_rtk(rng, V=6, parallel=False):
+    g = dict(sid=rng.uniform(500, 1000, V), sdd=np.zeros(V) if parallel else rng.uniform(1100, 1600, V),
+             gantry=rng.uniform(0, 360, V), proj_offset_x=rng.uniform(-60, 60, V), proj_offset_y=rng.uniform(-60, 60, V),
+             out_of_plane=rng.uniform(-20, 20, V), in_plane=rng.uniform(-20, 20, V),
+             source_offset_x=rng.uniform(-20, 20, V), source_offset_y=rng.uniform(-20, 20, V))
+    return RTKGeometry(**g)
+
+
+def random_frame(rng, rows, cols):
+    """An ITK stack frame: spacing, origin, and a 2-D direction (rotation or flip) in the detector plane."""
+    a = rng.uniform(0, 2 * np.pi)
+    d = np.eye(3)
+    d[:2, :2] = [[np.cos(a), -np.sin(a)], [np.sin(a), np.cos(a)]]
+    if rng.uniform() < 0.5:
+        d[:, 0] *= -1
+    m = np.eye(4)
+    m[:3, :3] = d @ np.diag([rng.uniform(0.5, 2), rng.uniform(0.5, 2), 1.0])
+    m[:3, 3] = [rng.uniform(-200, 0), rng.uniform(-200, 0), 0.0]
+    return m
+
+
+def detector_hit(g: Geometry, x_world):
+    """(col, row) where the ray of every view through world point ``x_world`` (3,) meets the detector."""
+    out = []
+    for n in range(g.num_views):
+        c, u, v = (t[n].numpy() for t in (g.center, g.u, g.v))
+        if g.kind == "cone":
+            s = g.source[n].numpy()
+            d = x_world - s
+        else:
+            d = g.direction[n].numpy()
+            s = x_world
+        # s + t d = c + a u + b v
+        a, b, _ = np.linalg.solve(np.stack([u, v, -d], 1), s - c)
+        out.append((a + (g.cols - 1) / 2, b + (g.rows - 1) / 2))
+    return np.array(out)
+
+
+@pytest.mark.parametrize("parallel", [False, True])
+def test_vector_geometry_reproduces_rtk_projection_matrices(parallel):
+    """A world point projects to the same pixel through RTK's 3x4 matrix (with the stack's frame) and
+    through the converted vector geometry, for random parameters, offsets, angles and stack frames."""
+    rng = np.random.default_rng(1 + parallel)
+    for _ in range(4):
+        rg = random_rtk(rng, parallel=parallel)
+        rows, cols = int(rng.integers(20, 90)), int(rng.integers(20, 90))
+        frame = random_frame(rng, rows, cols)
+        g_lps = rtk_to_vector(rg, frame, rows, cols, world="lps")
+        g_ras = rtk_to_vector(rg, frame, rows, cols)
+        mats = rtk_matrices(rg)
+        inv2 = np.linalg.inv(frame[:2, :2])
+        for x in rng.uniform(-100, 100, (5, 3)):
+            hom = mats @ np.append(x, 1.0)
+            det = hom[:, :2] / hom[:, 2:3]                           # RTK detector coordinates
+            view = np.arange(rg.num_views)[:, None]
+            ij = (det - frame[:2, 3] - view * frame[:2, 2]) @ inv2.T     # ITK index (column, row)
+            np.testing.assert_allclose(detector_hit(g_lps, x), ij, atol=1e-7)
+            np.testing.assert_allclose(detector_hit(g_ras, x * [-1, -1, 1]), ij, atol=1e-7)
+
+
+def test_circular_rtk_geometry_is_the_expected_orbit():
+    """Derived by hand from RTK's conventions: gantry θ puts the source at (SID sin θ, 0, SID cos θ) in LPS,
+    the rotation axis is y; in RAS the source is at (−SID sin θ, 0, SID cos θ); ProjectionOffsetX moves the
+    detector along the rotated x."""
+    th = np.array([0.0, 90.0, 200.0])
+    rg = RTKGeometry(sid=1000.0, sdd=1500.0, gantry=th, proj_offset_x=30.0)
+    g = rtk_to_vector(rg, centered_detector_frame(11, 21, (2.0, 1.5)), 11, 21)
+    t = np.radians(th)
+    np.testing.assert_allclose(g.source.numpy(), np.stack([-1000 * np.sin(t), 0 * t, 1000 * np.cos(t)], 1), atol=1e-9)
+    det = np.stack([-(-500 * np.sin(t) + 30 * np.cos(t)), 0 * t, -500 * np.cos(t) - 30 * np.sin(t)], 1)
+    np.testing.assert_allclose(g.center.numpy(), det, atol=1e-9)
+    np.testing.assert_allclose(np.linalg.norm(g.u.numpy(), axis=1), 1.5)
+    np.testing.assert_allclose(g.v.numpy(), [[0, -2.0, 0]] * 3, atol=1e-12)    # rows step along LPS +y = RAS -y
+
+
+def test_rtk_xml_round_trip_and_checks(tmp_path):
+    rng = np.random.default_rng(3)
+    rg = random_rtk(rng, V=4)
+    path = tmp_path / "g.xml"
+    write_rtk_geometry(rg, path)
+    back = read_rtk_geometry(path)
+    for f in PARAMS:
+        np.testing.assert_allclose(getattr(back, f), getattr(rg, f), atol=1e-12)
+    np.testing.assert_allclose(back.matrices, rtk_matrices(rg), atol=1e-9)
+    # global parameters (outside <Projection>) hold for every projection, as RTK's writer uses them
+    path.write_text('<?xml version="1.0"?><RTKThreeDCircularGeometry version="3">'
+                    "<SourceToIsocenterDistance>900</SourceToIsocenterDistance>"
+                    "<SourceToDetectorDistance>1300</SourceToDetectorDistance>"
+                    "<Projection><GantryAngle>10</GantryAngle></Projection>"
+                    "<Projection><GantryAngle>20</GantryAngle><ProjectionOffsetX>5</ProjectionOffsetX></Projection>"
+                    "</RTKThreeDCircularGeometry>")
+    g2 = read_rtk_geometry(path)
+    assert g2.sid.tolist() == [900, 900] and g2.sdd.tolist() == [1300, 1300] and g2.proj_offset_x.tolist() == [0, 5]
+    bad = path.read_text().replace("<GantryAngle>20</GantryAngle>",
+                                   "<GantryAngle>20</GantryAngle><Matrix>1 0 0 0 0 1 0 0 0 0 1 0</Matrix>")
+    path.write_text(bad)
+    with pytest.raises(XwinIOError, match="Matrix"):
+        read_rtk_geometry(path)
+    path.write_text("<foo/>")
+    with pytest.raises(XwinIOError, match="RTKThreeDCircularGeometry"):
+        read_rtk_geometry(path)
+
+
+def test_geometry_json_round_trip(tmp_path):
+    g = circular_orbit(torch.linspace(0, 3, 5), rows=7, cols=9, pixel_size=(1.5, 2.0), sid=600, sdd=900)
+    back = geometry_from_json(geometry_to_json(g))
+    for a in ("source", "center", "u", "v"):
+        assert torch.equal(getattr(back, a), getattr(g, a))
+    assert (back.rows, back.cols, back.kind) == (7, 9, "cone")
+    wrapped = {"geometry": json.loads(geometry_to_json(circular_orbit([0.0, 1.0], rows=2, cols=3, kind="parallel")))}
+    assert geometry_from_json(wrapped).kind == "parallel"
+    with pytest.raises(ValueError, match="lacks"):
+        geometry_from_json({"type": "cone", "rows": 2, "cols": 3})
+    p = tmp_path / "g.json"
+    p.write_text(geometry_to_json(g))
+    with pytest.raises(ValueError, match="7x9 detector"):
+        load_geometry(p, rows=8, cols=9)
+
+
+@pytest.mark.parametrize("suffix,compress", [(".mha", False), (".mha", True), (".mhd", False)])
+def test_metaimage_round_trip(tmp_path, suffix, compress):
+    rng = np.random.default_rng(0)
+    arr = rng.standard_normal((3, 4, 5)).astype(np.float32)
+    d = np.array([[0, 1, 0], [-1, 0, 0], [0, 0, 1.0]])
+    path = tmp_path / f"x{suffix}"
+    write_metaimage(path, arr, origin=[1, 2, 3], spacing=[0.5, 0.25, 2], direction=d, compress=compress)
+    mi = read_metaimage(path)
+    assert np.array_equal(mi.array, arr) and mi.size == (5, 4, 3)
+    np.testing.assert_allclose(mi.direction, d)
+    np.testing.assert_allclose(mi.index_to_physical()[:3, 3], [1, 2, 3])
+    np.testing.assert_allclose(mi.index_to_physical()[:3, :3], d @ np.diag([0.5, 0.25, 2]))
+    stack = load_projections(path)
+    assert tuple(stack.data.shape) == (3, 4, 5) and torch.equal(stack.data, torch.from_numpy(arr))
+    vol = load_volume(path)                    # a MetaImage volume: ITK order reversed, LPS -> RAS
+    assert vol.shape == (5, 4, 3) and float(vol.data[4, 1, 2]) == float(arr[2, 1, 4])
+    np.testing.assert_allclose(vol.affine[:3, 3], [-1, -2, 3])
+
+
+def test_metaimage_errors(tmp_path):
+    p = tmp_path / "bad.mha"
+    p.write_bytes(b"NDims = 3\nDimSize = 4 4 4\nElementType = MET_FLOAT\nElementDataFile = LOCAL\n" + b"\0" * 10)
+    with pytest.raises(XwinIOError, match="truncated"):
+        read_metaimage(p)
+    p.write_bytes(b"NDims = 3\nDimSize = 4 4 4\nElementType = MET_RGB\nElementDataFile = LOCAL\n")
+    with pytest.raises(XwinIOError, match="ElementType"):
+        read_metaimage(p)
+    p.write_bytes(b"\x89PNG garbage")
+    with pytest.raises(XwinIOError):
+        read_metaimage(p)
+
+
+def test_projection_stack_formats_and_i0(tmp_path):
+    rng = np.random.default_rng(2)
+    p = rng.uniform(0, 3, (4, 5, 6)).astype(np.float32)
+    np.save(tmp_path / "p.npy", p)
+    assert torch.allclose(load_projections(tmp_path / "p.npy").data, torch.from_numpy(p))
+    inten = 1e4 * np.exp(-p)
+    np.save(tmp_path / "i.npy", inten)
+    st = load_projections(tmp_path / "i.npy", i0=1e4)
+    assert torch.allclose(st.data, torch.from_numpy(p), atol=1e-5) and st.info["i0"] == 1e4
+    import nibabel as nib
+
+    aff = np.diag([0.5, 0.7, 1.0, 1.0])
+    aff[:3, 3] = [10, 20, 0]
+    nib.save(nib.Nifti1Image(np.transpose(p, (2, 1, 0)), aff), str(tmp_path / "p.nii.gz"))
+    st = load_projections(tmp_path / "p.nii.gz")
+    assert torch.allclose(st.data, torch.from_numpy(p))
+    np.testing.assert_allclose(st.index_to_physical[:3, 3], [-10, -20, 0])    # as ITK reads it (LPS)
+    (tmp_path / "p.txt").write_text("1 2 3")
+    np.save(tmp_path / "bad.npy", p[0])
+    with pytest.raises(XwinIOError, match="V, rows, cols"):
+        load_projections(tmp_path / "bad.npy")
+    with pytest.raises(XwinIOError, match="unknown projection stack format"):
+        load_projections(tmp_path / "p.txt")
