@@ -22,7 +22,7 @@ import numpy as np
 from ..errors import XwinError
 from .features import EncoderSpec, FeatureCache, compute_features, file_digest, load_images, make_extractor
 from .labels import SPLITS, LabelTable, read_labels
-from .probes import bootstrap_ci, auroc, fewshot_probe, linear_probe, pca_fit, ridge_probe, summarize_auroc, _r2
+from .probes import bootstrap_ci, fast_auroc, fewshot_probe, linear_probe, pca_fit, ridge_probe, summarize_auroc, _r2
 from .report import plot_anatomy, plot_fewshot, plot_linear, write_json, write_predictions
 
 __all__ = ["main", "run_evaluation", "resolve_checkpoint", "training_config"]
@@ -149,7 +149,7 @@ def run_evaluation(images: np.ndarray, y: np.ndarray, findings: Sequence[str], s
             st = {f: scores[f][test] for f in yt}
 
             def macro(idx, yt=yt, st=st):
-                vals = [auroc(yt[f][idx][np.isfinite(yt[f][idx])], st[f][idx][np.isfinite(yt[f][idx])]) for f in yt]
+                vals = [fast_auroc(yt[f][idx][np.isfinite(yt[f][idx])], st[f][idx][np.isfinite(yt[f][idx])]) for f in yt]
                 return float(np.mean(vals)) if all(np.isfinite(vals)) else float("nan")
 
             m = float(np.mean([per[f]["auroc"] for f in per]))

@@ -21,7 +21,7 @@ from typing import Callable, Dict, List, Optional, Sequence
 import numpy as np
 
 __all__ = ["auroc", "bootstrap_ci", "linear_probe", "fewshot_probe", "ridge_probe", "pca_fit", "C_GRID",
-           "ALPHA_GRID", "FEWSHOT_C"]
+           "ALPHA_GRID", "FEWSHOT_C", "fast_auroc"]
 
 C_GRID = tuple(float(c) for c in np.logspace(-4, 2, 7))
 ALPHA_GRID = tuple(float(a) for a in np.logspace(-2, 5, 8))
@@ -36,6 +36,19 @@ def auroc(y: np.ndarray, s: np.ndarray) -> float:
     if len(np.unique(y)) < 2:
         return float("nan")
     return float(roc_auc_score(y, s))
+
+
+def fast_auroc(y: np.ndarray, s: np.ndarray) -> float:
+    """The same AUROC as :func:`auroc` (Mann-Whitney U with mid-ranks for ties), vectorised for bootstraps."""
+    from scipy.stats import rankdata
+
+    y = np.asarray(y).astype(bool)
+    n1 = int(y.sum())
+    n0 = len(y) - n1
+    if n1 == 0 or n0 == 0:
+        return float("nan")
+    r = rankdata(s)
+    return float((r[y].sum() - n1 * (n1 + 1) / 2.0) / (n1 * n0))
 
 
 def _r2(y: np.ndarray, p: np.ndarray) -> float:
@@ -163,4 +176,4 @@ def summarize_auroc(y: np.ndarray, scores: np.ndarray, groups: np.ndarray, n_boo
     """AUROC and its patient-bootstrap CI for one finding on the rows where both are finite."""
     ok = np.isfinite(y) & np.isfinite(scores)
     yy, ss, gg = y[ok], scores[ok], groups[ok]
-    return {"auroc": auroc(yy, ss), "ci95": bootstrap_ci(lambda i: auroc(yy[i], ss[i]), gg, n_boot, seed)}
+    return {"auroc": auroc(yy, ss), "ci95": bootstrap_ci(lambda i: fast_auroc(yy[i], ss[i]), gg, n_boot, seed)}
