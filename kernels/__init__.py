@@ -3,10 +3,10 @@
 Triton kernels run for CUDA tensors; the torch reference runs everywhere else (and is what the kernels are
 tested against). Both implement the same operators exactly.
 
-    >>> from xwin.kernels import project, backproject
+    >>> from xwin.kernels import Projector, project, backproject
 """
 
 from ._prep import ProjectorInputError
-from .api import backproject, project, resolve_backend, triton_available
+from .api import Projector, backproject, project, resolve_backend, triton_available
 
-__all__ = ["project", "backproject", "ProjectorInputError", "triton_available", "resolve_backend"]
+__all__ = ["Projector", "project", "backproject", "ProjectorInputError", "triton_available", "resolve_backend"]

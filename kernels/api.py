@@ -1,107 +1,133 @@
-"""Public projector API: ``project`` (differentiable) and its exact adjoint ``backproject``."""
+"""Public projector API: the :class:`Projector` operator, ``project`` (differentiable) and ``backproject``."""
 
 from __future__ import annotations
 
-import os
 from typing import Optional, Sequence
 
 import torch
 
 from xwin.geometry import Geometry
 
-from . import reference
-from ._prep import (ProjectorInputError, affine_batch, check_geometry, check_method, check_volume,
-                    min_spacing, output_dtype, ray_params)
+from ._backend import BACKENDS, resolve_backend as _resolve, triton_available
+from ._ops import backproject_op, project_op
+from ._prep import (ProjectorInputError, affine_batch, as_batched, check_finite_default, check_geometry, check_method,
+                    check_shape, check_volume, min_spacing, output_dtype, ray_params)
 
-__all__ = ["project", "backproject", "triton_available", "resolve_backend"]
-
-BACKENDS = ("auto", "triton", "torch")
-
-
-def triton_available(device: torch.device) -> bool:
-    """Whether the Triton kernels can run for tensors on ``device``."""
-    try:
-        import triton  # noqa: F401
-    except Exception:
-        return False
-    if device.type == "cuda":
-        return True
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+__all__ = ["Projector", "project", "backproject", "triton_available", "resolve_backend"]
 
 
 def resolve_backend(backend: str, device: torch.device) -> str:
-    if backend not in BACKENDS:
-        raise ProjectorInputError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    if backend == "auto":
-        return "triton" if device.type == "cuda" and triton_available(device) else "torch"
-    if backend == "triton" and not triton_available(device):
-        raise ProjectorInputError(
-            f"backend='triton' needs a CUDA tensor (or TRITON_INTERPRET=1 set before importing triton); "
-            f"data is on {device}")
-    return backend
+    return _resolve(backend, device, ProjectorInputError)
 
 
-def _impl(backend: str):
-    if backend == "torch":
-        return reference
-    from . import _triton
-    return _triton
+class Projector:
+    """The X-ray transform of one geometry as an operator, with its ray parameters prepared once.
 
+    ``P = Projector(geometry, (X, Y, Z), affine=..., method="siddon")``; then ``P(x)`` projects a
+    (X, Y, Z) or (B, X, Y, Z) volume to (V, rows, cols) / (B, V, rows, cols) line integrals and
+    ``P.T(y)`` is the exact adjoint (``⟨P x, y⟩ = ⟨x, P.T y⟩``). Both are differentiable (each is the
+    other's gradient), and, because they run as the ``torch.library`` operators ``xwin::project`` /
+    ``xwin::backproject``, ``torch.compile(fullgraph=True)`` traces them without a graph break.
 
-class _Setup:
-    """Everything both directions need, computed once per call."""
+    When the geometry's tensors or the affine require grad, ``P(x)`` is also differentiable with respect
+    to them (see :mod:`xwin.kernels.geomgrad`); build a new ``Projector`` (or call :func:`project`) after
+    changing the geometry.
 
-    def __init__(self, geometry, affine, batch, shape, method, step, backend, device):
+    Args:
+        geometry: an :class:`xwin.geometry.Geometry` (cone or parallel beam, V views).
+        volume_shape: (X, Y, Z).
+        affine: voxel index → world mm, (4, 4) shared by the batch or (B, 4, 4) (then volumes must come in
+            batches of B); default identity.
+        method: ``"siddon"`` or ``"trilinear"``; ``step``: trilinear step in units of the smallest spacing.
+        backend: ``"auto"`` (Triton for CUDA tensors, torch reference otherwise), ``"triton"``, ``"torch"``.
+        check_finite: raise :class:`ProjectorInputError` when the input holds NaN or Inf (one ``isfinite``
+            reduction per call). Default on; ``XWIN_CHECK_FINITE=0`` in the environment changes the default.
+    """
+
+    def __init__(self, geometry: Geometry, volume_shape: Sequence[int], *, affine=None, method: str = "siddon",
+                 step: float = 0.5, backend: str = "auto", check_finite: Optional[bool] = None):
         self.method, self.step = check_method(method, step)
-        self.geometry = check_geometry(geometry, device)
-        self.affine = affine_batch(affine, batch)
-        self.params = ray_params(self.geometry, self.affine)                      # (B, V, 24) float64 CPU
-        self.dt_mm = (self.step * min_spacing(self.affine)).tolist()              # per batch entry, mm
-        self.shape = tuple(int(s) for s in shape)
-        self.backend = resolve_backend(backend, device)
-        self.impl = _impl(self.backend)
+        self.geometry = check_geometry(geometry)
+        self.shape = check_shape(volume_shape)
+        if backend not in BACKENDS:
+            raise ProjectorInputError(f"backend must be one of {BACKENDS}, got {backend!r}")
+        self.backend = backend
+        self.check_finite = check_finite_default(check_finite)
+        self.affine = affine_batch(affine)                            # (1 or B, 4, 4) float64 CPU
+        self.params = ray_params(self.geometry, self.affine)          # (1 or B, V, 24) float64 CPU
+        self.dt_mm = self.step * min_spacing(self.affine)             # (1 or B,) mm
 
-    def forward(self, vol4):
+    # -------------------------------------------------------------------------------- helpers
+    @property
+    def cone(self) -> bool:
+        return self.geometry.kind == "cone"
+
+    @property
+    def detector(self):
+        """(V, rows, cols) of one projection stack."""
         g = self.geometry
-        return self.impl.forward(vol4, self.params, g.kind, g.rows, g.cols, self.method,
-                                 torch.tensor(self.dt_mm, dtype=torch.float64))
+        return g.num_views, g.rows, g.cols
 
-    def adjoint(self, proj4, out_dtype):
-        return self.impl.adjoint(proj4, self.params, self.geometry.kind, self.shape, self.method,
-                                 torch.tensor(self.dt_mm, dtype=torch.float64), out_dtype)
+    def _prepare(self, batch: int, device: torch.device):
+        if self.params.shape[0] not in (1, batch):
+            raise ProjectorInputError(f"affine has {self.params.shape[0]} entries but the volume batch has {batch}")
+        check_geometry(self.geometry, device)
+        return resolve_backend(self.backend, device)
+
+    def __repr__(self) -> str:
+        return (f"Projector({self.geometry!r}, volume_shape={self.shape}, method={self.method!r}, "
+                f"backend={self.backend!r})")
+
+    # -------------------------------------------------------------------------------- the operator
+    def __call__(self, volume: torch.Tensor) -> torch.Tensor:
+        """(X, Y, Z) or (B, X, Y, Z) volume -> (V, rows, cols) or (B, V, rows, cols) line integrals."""
+        vol4, squeeze = check_volume(volume)
+        if tuple(vol4.shape[1:]) != self.shape:
+            raise ProjectorInputError(f"volume has shape {tuple(vol4.shape[1:])} but the projector was built for "
+                                      f"{self.shape}")
+        backend = self._prepare(vol4.shape[0], vol4.device)
+        g = self.geometry
+        out = project_op(vol4, self.params, self.dt_mm, self.cone, g.rows, g.cols, self.method, backend,
+                         self.check_finite)
+        return out[0] if squeeze else out
+
+    def adjoint(self, projections: torch.Tensor, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+        """The exact adjoint: (V, rows, cols) or (B, V, rows, cols) -> (X, Y, Z) or (B, X, Y, Z) of ``dtype``
+        (default float64 for float64 projections, else float32)."""
+        p4, squeeze = as_batched(projections, "projections", "(V, rows, cols)")
+        if tuple(p4.shape[1:]) != self.detector:
+            raise ProjectorInputError(f"projections have shape {tuple(p4.shape[1:])} per batch entry but the "
+                                      f"geometry describes (views, rows, cols) = {self.detector}")
+        backend = self._prepare(p4.shape[0], p4.device)
+        dtype = output_dtype(p4.dtype) if dtype is None else dtype
+        out = backproject_op(p4, self.params, self.dt_mm, self.cone, *self.shape, self.method, backend, dtype,
+                             self.check_finite)
+        return out[0] if squeeze else out
+
+    @property
+    def T(self) -> "_Adjoint":
+        """The adjoint operator: ``P.T(y)`` backprojects, ``P.T.T`` is ``P``."""
+        return _Adjoint(self)
 
 
-class _Project(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, vol4, setup):
-        ctx.setup = setup
-        ctx.vol_dtype = vol4.dtype
-        return setup.forward(vol4.detach())
+class _Adjoint:
+    def __init__(self, op: Projector):
+        self._op = op
 
-    @staticmethod
-    def backward(ctx, grad):
-        if not ctx.needs_input_grad[0]:
-            return None, None
-        return _Backproject.apply(grad.contiguous(), ctx.setup, ctx.vol_dtype), None
+    def __call__(self, projections: torch.Tensor, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+        return self._op.adjoint(projections, dtype)
 
+    @property
+    def T(self) -> Projector:
+        return self._op
 
-class _Backproject(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, proj4, setup, out_dtype):
-        ctx.setup = setup
-        ctx.proj_dtype = proj4.dtype
-        return setup.adjoint(proj4.detach(), out_dtype)
-
-    @staticmethod
-    def backward(ctx, grad):
-        if not ctx.needs_input_grad[0]:
-            return None, None, None
-        return _Project.apply(grad.contiguous(), ctx.setup).to(ctx.proj_dtype), None, None
+    def __repr__(self) -> str:
+        return f"{self._op!r}.T"
 
 
 def project(volume: torch.Tensor, geometry: Geometry, *, affine=None, method: str = "siddon",
-            step: float = 0.5, backend: str = "auto") -> torch.Tensor:
-    """Line integrals of ``volume`` along the rays of ``geometry``.
+            step: float = 0.5, backend: str = "auto", check_finite: Optional[bool] = None) -> torch.Tensor:
+    """Line integrals of ``volume`` along the rays of ``geometry`` (``Projector(...)(volume)``).
 
     Args:
         volume: (X, Y, Z) or (B, X, Y, Z) tensor, indexed like ``nibabel.load(f).get_fdata()``;
@@ -112,22 +138,25 @@ def project(volume: torch.Tensor, geometry: Geometry, *, affine=None, method: st
             (midpoint-rule integral of the zero-padded trilinear interpolant).
         step: trilinear sample step in units of the smallest voxel spacing.
         backend: ``"auto"`` (Triton for CUDA tensors, torch reference otherwise), ``"triton"``, ``"torch"``.
+        check_finite: NaN/Inf in the volume is a :class:`ProjectorInputError` (default; costs one
+            ``isfinite`` pass over the volume). ``False`` (or ``XWIN_CHECK_FINITE=0``) skips it.
 
     Returns:
         (V, rows, cols) or (B, V, rows, cols) line integrals ∫ volume dl with dl in mm, float32
-        (float64 for a float64 volume). Differentiable with respect to ``volume``; the gradient is
-        :func:`backproject`, the exact adjoint.
+        (float64 for a float64 volume). Differentiable with respect to ``volume`` (the gradient is
+        :func:`backproject`, the exact adjoint) and to the geometry's tensors and the affine when they
+        require grad.
     """
-    vol4, squeeze = check_volume(volume)
-    setup = _Setup(geometry, affine, vol4.shape[0], vol4.shape[1:], method, step, backend, vol4.device)
-    out = _Project.apply(vol4.contiguous(), setup)
-    return out[0] if squeeze else out
+    vol4, _ = check_volume(volume)
+    P = Projector(geometry, vol4.shape[1:], affine=affine, method=method, step=step, backend=backend,
+                  check_finite=check_finite)
+    return P(volume)
 
 
 def backproject(projections: torch.Tensor, geometry: Geometry, volume_shape: Sequence[int], *, affine=None,
                 method: str = "siddon", step: float = 0.5, backend: str = "auto",
-                dtype: Optional[torch.dtype] = None) -> torch.Tensor:
-    """The exact adjoint (transpose) of :func:`project`.
+                dtype: Optional[torch.dtype] = None, check_finite: Optional[bool] = None) -> torch.Tensor:
+    """The exact adjoint (transpose) of :func:`project` (``Projector(...).T(projections)``).
 
     Args:
         projections: (V, rows, cols) or (B, V, rows, cols), matching ``geometry``.
@@ -138,26 +167,8 @@ def backproject(projections: torch.Tensor, geometry: Geometry, volume_shape: Seq
         (X, Y, Z) or (B, X, Y, Z): for every voxel, the sum over rays of (ray weight of that voxel ×
         projection value), so that ⟨project(x), y⟩ = ⟨x, backproject(y)⟩.
     """
-    if not isinstance(projections, torch.Tensor):
-        raise ProjectorInputError(f"projections must be a torch.Tensor, got {type(projections).__name__}")
-    if projections.ndim not in (3, 4):
-        raise ProjectorInputError(
-            f"projections must have shape (V, rows, cols) or (B, V, rows, cols), got {tuple(projections.shape)}")
-    if projections.dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
-        raise ProjectorInputError(f"projections must be floating point, got {projections.dtype}")
-    squeeze = projections.ndim == 3
-    p4 = projections.unsqueeze(0) if squeeze else projections
-    if not isinstance(geometry, Geometry):
-        raise ProjectorInputError(f"geometry must be an xwin.geometry.Geometry, got {type(geometry).__name__}")
-    want = (geometry.num_views, geometry.rows, geometry.cols)
-    if tuple(p4.shape[1:]) != want:
-        raise ProjectorInputError(f"projections have shape {tuple(p4.shape[1:])} per batch entry but the "
-                                  f"geometry describes (views, rows, cols) = {want}")
-    shape = tuple(int(s) for s in volume_shape)
-    if len(shape) != 3 or min(shape) < 1:
-        raise ProjectorInputError(f"volume_shape must be three positive sizes (X, Y, Z), got {tuple(volume_shape)}")
-    if dtype is None:
-        dtype = output_dtype(p4.dtype)
-    setup = _Setup(geometry, affine, p4.shape[0], shape, method, step, backend, p4.device)
-    out = _Backproject.apply(p4.contiguous(), setup, dtype)
-    return out[0] if squeeze else out
+    as_batched(projections, "projections", "(V, rows, cols)")
+    check_geometry(geometry)
+    P = Projector(geometry, volume_shape, affine=affine, method=method, step=step, backend=backend,
+                  check_finite=check_finite)
+    return P.T(projections, dtype)
