@@ -212,12 +212,43 @@ def parker_weights(beta: np.ndarray, gamma: np.ndarray, span: float) -> np.ndarr
     return w
 
 
-def fdk_weights(geometry: Geometry, orbit: Optional[Orbit] = None):
+def _displaced_overlap(gamma: np.ndarray) -> Optional[float]:
+    """Half-width θ (radians) of the fan angles every view measures on both sides of the central ray when the
+    detector is displaced sideways (RTK's DisplacedDetectorImageFilter test: |γ_lo + γ_hi| ≥ 0.1 (γ_hi − γ_lo)
+    with γ_lo the largest first-column and γ_hi the smallest last-column fan angle over the views); None
+    for a centred detector. Negative when the detector extends further on the negative side. A detector that
+    does not reach the central ray cannot be weighted."""
+    lo = float(np.max(gamma.min(1)))
+    hi = float(np.min(gamma.max(1)))
+    if abs(lo + hi) < 0.1 * abs(hi - lo):
+        return None
+    if lo > 0 or hi < 0:
+        raise ReconstructionError(
+            f"the detector is displaced by more than half its width (fan angles {math.degrees(lo):.2f} .. "
+            f"{math.degrees(hi):.2f} deg do not include the central ray): no redundancy weighting can fill the gap")
+    return min(-lo, hi) * (1.0 if lo + hi > 0 else -1.0)
+
+
+def displaced_detector_weights(gamma: np.ndarray, theta: float) -> np.ndarray:
+    """Redundancy weights of a full 360° scan with a sideways-displaced (half-fan) detector.
+
+    ``gamma`` (V, cols) fan angles, ``theta`` the overlap half-width, negative if the detector extends further
+    towards negative fan angles. Rays measured once (beyond the overlap
+    on the long side) weigh 1, their missing conjugates 0, and across the overlap the weight rises as
+    ½(1 + sin(π/2 · γ/θ)) so that every pair of conjugate rays (γ, −γ) adds up to 1 - RTK's
+    DisplacedDetectorImageFilter (its weights are twice these, its full-scan normalisation half ours).
+    """
+    t = np.clip(gamma / theta, -1.0, 1.0)                               # positive towards the long side
+    return 0.5 * (1.0 + np.sin(0.5 * math.pi * t))
+
+
+def fdk_weights(geometry: Geometry, orbit: Optional[Orbit] = None, measured: Optional[slice] = None):
     """Everything FDK multiplies the raw projections by, as float64 tensors.
 
     Returns ``(pre, scale, info)``: ``pre`` (V, rows, cols) = cosine pre-weight × redundancy weight, applied
     before filtering; ``scale`` (V,) = Δβ·D·SDD/du (cone) or Δβ/du (parallel), applied after filtering (the
-    filter works in pixel units); ``info`` a dict describing the orbit for the metrics file.
+    filter works in pixel units); ``info`` a dict describing the orbit for the metrics file. ``measured``:
+    the columns that hold data when the stack was padded (:func:`pad_displaced_detector`).
     """
     g = geometry.to("cpu")
     o = orbit or fit_orbit(g)
@@ -262,8 +293,14 @@ def fdk_weights(geometry: Geometry, orbit: Optional[Orbit] = None):
                           stacklevel=3)
             kind = "parallel beam, limited angle (weight 1)"
     elif o.full_scan:
-        red = np.full((V, C), 0.5)
-        kind = "full scan (weight 1/2)"
+        theta = _displaced_overlap(gamma_ours if measured is None else gamma_ours[:, measured])
+        if theta is None:
+            red = np.full((V, C), 0.5)
+            kind = "full scan (weight 1/2)"
+        else:
+            red = displaced_detector_weights(gamma_ours, theta)
+            kind = (f"full scan, displaced (offset) detector: half-fan weights over the overlap "
+                    f"+-{math.degrees(abs(theta)):.2f} deg")
     else:
         needed = math.pi + 2 * fan
         if o.span < needed - 1e-6:
@@ -321,7 +358,8 @@ def fdk(projections: torch.Tensor, geometry: Geometry, volume_shape: Sequence[in
         raise ReconstructionError("projections contain NaN or Inf")
     dt = torch.float64 if projections.dtype == torch.float64 else torch.float32
     p = projections.to(dt)
-    pre, scale, info = fdk_weights(geometry)
+    p, geometry, measured = pad_displaced_detector(p, geometry)
+    pre, scale, info = fdk_weights(geometry, measured=measured)
     pre = pre.to(device=p.device, dtype=dt)
     scale = scale.to(device=p.device, dtype=dt)
     q = ramp_filter(p * pre, filter, cutoff) * scale[:, None, None]
@@ -340,10 +378,74 @@ def fbp(projections: torch.Tensor, geometry: Geometry, volume_shape: Sequence[in
 def fov_mask(geometry: Geometry, volume_shape: Sequence[int], *, affine=None, max_views: int = 60,
              backend: str = "auto", device=None) -> torch.Tensor:
     """Boolean (X, Y, Z) mask of the voxels whose centres project inside the detector in every view
-    (checked on at most ``max_views`` evenly spaced views)."""
+    (checked on at most ``max_views`` evenly spaced views). With a displaced (half-fan) detector on a full
+    scan, a voxel counts when every line through it is measured once (or twice): the detector is mirrored
+    about its principal point for this test."""
     V = geometry.num_views
     idx = np.unique(np.linspace(0, V - 1, min(V, max_views)).round().astype(int)).tolist()
-    g = geometry[idx]
+    g = _symmetric_detector(geometry)[idx]
     ones = torch.ones(len(idx), g.rows, g.cols, device=device or "cpu")
     count = fdk_backproject(ones, view_matrices(g, affine), volume_shape, distance_weight=False, backend=backend)
     return count >= len(idx) - 1e-3
+
+
+def _principal_columns(g: Geometry) -> np.ndarray:
+    """(V,) column index (fractional) of each view's principal point (foot of the source's perpendicular)."""
+    S, c, u, v = g.source.numpy(), g.center.numpy(), g.u.numpy(), g.v.numpy()
+    n = np.cross(u, v)
+    n /= np.linalg.norm(n, axis=1, keepdims=True)
+    F = S + ((c - S) * n).sum(1, keepdims=True) * n
+    return ((F - c) * u).sum(1) / (u * u).sum(1) + (g.cols - 1) / 2
+
+
+def _is_displaced_full_scan(g: Geometry, cF: np.ndarray) -> bool:
+    left, right = cF, g.cols - 1 - cF
+    if np.all(np.abs(left - right) < 0.1 * (g.cols - 1)):
+        return False
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return fit_orbit(g).full_scan
+
+
+def pad_displaced_detector(p: torch.Tensor, geometry: Geometry):
+    """``(p, geometry, measured)``: for a cone-beam full scan with a sideways-displaced detector, the stack
+    zero-padded on its short side to be symmetric about the principal point (the geometry widened to match,
+    same pixel grid) so that the ramp filter's response beyond the real detector edge is backprojected too,
+    as RTK's DisplacedDetectorImageFilter pads; ``measured`` the slice of real columns. Otherwise unchanged
+    (``measured`` None)."""
+    if geometry.kind != "cone" or geometry.num_views < 3:
+        return p, geometry, None
+    g = geometry.to("cpu")
+    cF = _principal_columns(g)
+    if not _is_displaced_full_scan(g, cF):
+        return p, geometry, None
+    excess = (g.cols - 1 - cF) - cF                                      # long side right: > 0
+    if not (np.all(excess > 0) or np.all(excess < 0)):
+        return p, geometry, None
+    pad = int(np.ceil(np.abs(excess).max()))
+    C = g.cols
+    zeros = p.new_zeros(p.shape[:-1] + (pad,))
+    if excess[0] > 0:                                                    # pad on the left (low columns)
+        p2, center, measured = torch.cat([zeros, p], -1), g.center - g.u * (pad / 2), slice(pad, pad + C)
+    else:
+        p2, center, measured = torch.cat([p, zeros], -1), g.center + g.u * (pad / 2), slice(0, C)
+    wide = Geometry.cone(g.source, center, g.u, g.v, g.rows, C + pad).to(geometry.device)
+    return p2, wide, measured
+
+
+def _symmetric_detector(geometry: Geometry) -> Geometry:
+    """``geometry`` itself, or - for a cone-beam full scan with a displaced detector - the same views with
+    the detector widened to be symmetric about each view's principal point (the foot of the source's
+    perpendicular), covering the field of view the half-fan scan reconstructs."""
+    if geometry.kind != "cone" or geometry.num_views < 3:
+        return geometry
+    g = geometry.to("cpu")
+    cF = _principal_columns(g)
+    if not _is_displaced_full_scan(g, cF):
+        return geometry
+    left, right = cF, g.cols - 1 - cF
+    half = float(np.ceil(np.maximum(left, right).max()))
+    cols = int(2 * half + 1)
+    center = g.center + torch.from_numpy(cF - (g.cols - 1) / 2)[:, None] * g.u
+    wide = Geometry.cone(g.source, center, g.u, g.v, g.rows, cols)
+    return wide.to(geometry.device)

@@ -44,7 +44,7 @@ from xwin.geometry import Geometry, GeometryError
 from xwin.io import XwinIOError
 from xwin.io.projections import LPS_TO_RAS
 
-__all__ = ["RTKGeometry", "read_rtk_geometry", "write_rtk_geometry", "rtk_rotations", "rtk_matrices",
+__all__ = ["RTKGeometry", "PARAM_ORDER", "read_rtk_geometry", "write_rtk_geometry", "rtk_rotations", "rtk_matrices",
            "rtk_to_vector", "geometry_from_json", "geometry_to_json", "load_geometry", "centered_detector_frame"]
 
 _PARAMS = {  # XML element -> field
@@ -52,6 +52,12 @@ _PARAMS = {  # XML element -> field
     "ProjectionOffsetX": "proj_offset_x", "ProjectionOffsetY": "proj_offset_y", "OutOfPlaneAngle": "out_of_plane",
     "InPlaneAngle": "in_plane", "SourceOffsetX": "source_offset_x", "SourceOffsetY": "source_offset_y",
 }
+
+
+#: the order of RTK's ``AddProjection(sid, sdd, gantry, projOffsetX, projOffsetY, outOfPlane, inPlane, sourceOffsetX,
+#: sourceOffsetY)`` arguments
+PARAM_ORDER = ("sid", "sdd", "gantry", "proj_offset_x", "proj_offset_y", "out_of_plane", "in_plane",
+               "source_offset_x", "source_offset_y")
 
 
 @dataclass
