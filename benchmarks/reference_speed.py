@@ -6,12 +6,16 @@ same numbers (to the printed digits), the medians compare the speed. float32, 1 
     python benchmarks/reference_speed.py [--ct real|sample|PATH] [--size 200] [--reps 3] [--threads 1]
 """
 
-import argparse
-import sys
-import time
-from pathlib import Path
+import os
 
-import torch
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # passive OpenMP waiting, before torch is imported
+
+import argparse  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common as C  # noqa: E402
@@ -27,19 +31,19 @@ def main(argv=None):
     torch.set_num_threads(args.threads)
     from xwin.kernels import backproject, project
 
-    ct = C.load_ct(args.ct)
-    g = C.make_geometry(ct, args.size, 2.0 * 200 / args.size, 1)
-    aff = torch.tensor(ct.affine)
+    vol, src = C.load_ct(args.ct)
+    g = C.make_geometry(vol, args.size, 2.0 * 200 / args.size, 1)
+    aff = torch.tensor(vol.affine)
     w = torch.rand(1, args.size, args.size, generator=torch.Generator().manual_seed(0))
-    print(f"{ct.name} {ct.shape}, detector {args.size}², {args.threads} thread(s), float32, median of {args.reps}")
+    print(f"{src['name']} {vol.spatial_shape}, detector {args.size}², {args.threads} thread(s), float32, median of {args.reps}")
     for method in ("siddon", "trilinear"):
         tf, ta = [], []
         for _ in range(args.reps):
             t = time.perf_counter()
-            p = project(ct.mu, g, affine=aff, method=method)
+            p = project(vol.data, g, affine=aff, method=method)
             tf.append(time.perf_counter() - t)
             t = time.perf_counter()
-            v = backproject(w, g, ct.mu.shape, affine=aff, method=method)
+            v = backproject(w, g, vol.spatial_shape, affine=aff, method=method)
             ta.append(time.perf_counter() - t)
         print(f"{method:9s} forward {C.median(tf):.2f} s, adjoint {C.median(ta):.2f} s, "
               f"checksums {p.double().sum().item():.6f} {v.double().sum().item():.6f}")

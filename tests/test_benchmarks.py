@@ -1,5 +1,6 @@
 """The DRR speed benchmark as a CI smoke test: `drr_speed.py --quick` runs, checks against the reference,
-and writes sane numbers; plus the helpers its numbers rest on (row subsets, work counts, peer camera)."""
+and writes sane numbers; plus the helpers its numbers rest on (row subsets, work counts, peer camera), where
+results go, and the contention script (point 6 of issue 10) on a tiny case."""
 
 import json
 import math
@@ -13,9 +14,12 @@ import torch
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "benchmarks"))
+import adapters as A  # noqa: E402
 import common as C  # noqa: E402
+import report as Rp  # noqa: E402
 
 from xwin.geometry import xwin_pose  # noqa: E402
+from xwin.io import Volume  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -98,16 +102,15 @@ def test_siddon_segment_count_matches_the_voxel_walk():
 
 
 def test_diffdrr_pose_renders_the_same_rays():
-    if C.peer_available("diffdrr"):
-        pytest.skip(C.peer_available("diffdrr"))
+    if A.peer_available("diffdrr"):
+        pytest.skip(A.peer_available("diffdrr"))
     from xwin.kernels import project
 
     g = xwin_pose(torch.tensor([-40.0, 0.0, 65.0]), 0.0, 0.0, size=24, pixel_size=9.0, isocenter=(0, 0, 0))
     mu = torch.rand(30, 26, 20, generator=torch.Generator().manual_seed(0)) * 0.02
     aff = np.diag([4.0, 4.0, 5.0, 1.0])
     aff[:3, 3] = [-58.0, -50.0, -47.5]
-    ct = C.CT(mu, aff, "random")
-    dd = C.DiffDRRRenderer(ct, g, "siddon", torch.device("cpu"))
+    dd = A.DiffDRRRenderer(Volume(mu, aff), g, "siddon", torch.device("cpu"))
     assert dd.check_rays(g) < 1e-3                                      # mm
     ref = project(mu.double(), g, affine=aff, method="siddon", backend="torch")
     assert C.rel_err(dd(dd.pose(g)), ref) < 1e-4
@@ -126,13 +129,72 @@ def test_reference_speed_script_prints_times_and_checksums(capsys):
     finally:
         torch.set_num_threads(threads)   # the script pins 1 thread; do not leak that into later tests
     out = capsys.readouterr().out
-    ct = C.load_ct("sample")
-    g = C.make_geometry(ct, 16, 25.0, 1)
-    aff = torch.tensor(ct.affine)
+    vol, _ = C.load_ct("sample")
+    g = C.make_geometry(vol, 16, 25.0, 1)
+    aff = torch.tensor(vol.affine)
     w = torch.rand(1, 16, 16, generator=torch.Generator().manual_seed(0))
     for method in ("siddon", "trilinear"):
         line = next(l for l in out.splitlines() if l.startswith(method))
-        p = project(ct.mu, g, affine=aff, method=method).double().sum().item()
-        v = backproject(w, g, ct.mu.shape, affine=aff, method=method).double().sum().item()
+        p = project(vol.data, g, affine=aff, method=method).double().sum().item()
+        v = backproject(w, g, vol.spatial_shape, affine=aff, method=method).double().sum().item()
         assert p > 0 and v > 0
         assert f"checksums {p:.6f} {v:.6f}" in line
+
+
+def test_results_go_to_the_ignored_folder_unless_tables_are_asked_for():
+    import drr_speed
+
+    assert Rp.results_dir(False) == REPO / "benchmarks" / "results" / "local"
+    assert Rp.results_dir(True) == REPO / "benchmarks" / "results"
+    assert drr_speed.plan(drr_speed.parser().parse_args(["--quick", "--device", "cpu"])).out_dir == Rp.results_dir(False)
+    p = drr_speed.plan(drr_speed.parser().parse_args(["--quick", "--device", "cpu", "--write-tables"]))
+    assert p.out_dir == Rp.results_dir(True)
+    assert p.preset == "quick" and {c.impl for c in p.cases} == {"xwin-torch", "diffdrr", "nanodrr"}
+
+
+def test_every_implementation_has_an_adapter_and_unavailable_ones_say_why():
+    import drr_speed
+
+    vol = Volume(torch.zeros(8, 8, 8), np.eye(4))
+    cases = drr_speed.preset("gpu", "cpu")          # every implementation appears in the GPU preset
+    assert {c.impl for c in cases} == set(A.ADAPTERS)
+    why = A.ADAPTERS["xwin-triton"].unavailable(cases[0], vol, 16.0)
+    assert why and "CUDA" in why
+    assert A.ADAPTERS["xwin-torch"].unavailable(cases[0], vol, 16.0) is None
+
+
+def test_xwin_adapter_forward_and_gradient_equal_the_projector():
+    """The adapter calls the projector as a user does: forward, and backward of (proj · w).sum()."""
+    import drr_speed
+    from xwin.kernels import backproject, project
+
+    vol = Volume(torch.rand(12, 10, 9, generator=torch.Generator().manual_seed(0)), np.diag([3.0, 3.0, 4.0, 1.0]))
+    case = drr_speed.Case("xwin-torch", "siddon", "fwdbwd", 8, 6.0, 2)
+    geoms = [C.make_geometry(vol, 8, 6.0, 2, s) for s in range(2)]
+    a = A.ADAPTERS["xwin-torch"](case, vol, vol.data, geoms, torch.device("cpu"), 0.5)
+    ref = project(vol.data, geoms[1], affine=vol.affine)
+    assert torch.allclose(a(1), ref)
+    w = torch.rand(ref.shape, generator=torch.Generator().manual_seed(1))
+    assert torch.allclose(a(1, w), ref)
+    assert torch.allclose(a.grad(), backproject(w, geoms[1], vol.spatial_shape, affine=vol.affine), rtol=1e-5, atol=1e-6)
+
+
+def test_contention_script_measures_idle_and_contended(tmp_path):
+    """contention.py on a tiny Siddon case: both runs timed with torch's default threads, the ratio and the
+    load averages recorded, markdown written."""
+    p = subprocess.run([sys.executable, str(REPO / "benchmarks" / "contention.py"), "--only", "siddon", "--ct", "sample",
+                        "--size", "16", "--reps", "2", "--out", str(tmp_path)], capture_output=True, text=True,
+                       timeout=240)
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
+    data = json.loads((tmp_path / "contention.json").read_text())
+    (row,) = data["summary"]
+    assert row["workload"] == "siddon"
+    assert row["idle_median_s"] > 0 and row["contended_median_s"] > 0
+    assert math.isclose(row["ratio"], row["contended_median_s"] / row["idle_median_s"])
+    runs = data["runs"]["siddon"]
+    assert runs["idle"]["competitors"] == 0 and runs["contended"]["competitors"] == 1
+    for r in runs.values():
+        assert len(r["times_s"]) == 2 and len(r["loadavg_start"]) == 3
+        assert r["torch_threads"] == data["meta"]["torch_threads_default"]
+        assert r["omp_wait_policy"] == "PASSIVE"
+    assert "| Siddon forward 16²" in (tmp_path / "contention.md").read_text()
