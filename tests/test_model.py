@@ -141,6 +141,8 @@ def _batch(model, b=2, n=3, seed=0):
     d = model.encoder.embed_dim
     targets = {"align": torch.randn(b, n, d, generator=g), "sim_tokens": torch.randn(b, sp.shape[1], d, generator=g),
                "real_tokens": torch.randn(b, rp.shape[1], d, generator=g),
+               "view_tokens": torch.randn(b, n, grid * grid, d, generator=g),
+               "real_view_tokens": torch.randn(b, grid * grid, d, generator=g) + 1.0,
                "groups": torch.arange(b).repeat_interleave(n)}
     return batch, targets
 
@@ -169,6 +171,50 @@ def test_full_forward_losses_and_gradient_routing():
     for a, p in zip(fc_grads, model.domain_classifier.parameters()):
         assert torch.allclose(a, p.grad, atol=1e-6)
     assert all(p.grad is None for p in model.encoder.parameters())  # L_cls does not reach the encoder
+
+
+def _grads(model):
+    return {part: any(p.grad is not None and p.grad.abs().sum() > 0 for p in getattr(model, part).parameters())
+            for part in ("encoder", "view_predictor", "mask_predictor", "domain_classifier")}
+
+
+def test_domain_losses_sit_on_the_view_predictor_and_are_isolated():
+    """L_cls moves only f_c; L_domain (patch MSE + adversarial) moves the encoder and the view predictor,
+    never f_c, and not the mask predictor (it acts on g_v's predicted patch tokens of the target views)."""
+    torch.manual_seed(0)
+    model, _ = build_model(TINY)
+    batch, targets = _batch(model)
+    out = model(batch, targets, LOSS)
+    out["cls"].backward()
+    assert _grads(model) == {"encoder": False, "view_predictor": False, "mask_predictor": False,
+                             "domain_classifier": True}
+    model.zero_grad(set_to_none=True)
+    out = model(batch, targets, LOSS)
+    out["domain"].backward()
+    assert _grads(model) == {"encoder": True, "view_predictor": True, "mask_predictor": False,
+                             "domain_classifier": False}
+    # the adversarial half alone also reaches the view predictor and not f_c
+    model.zero_grad(set_to_none=True)
+    out = model(batch, targets, LOSS)
+    (out["domain"] - out["patch_mse"]).backward()
+    assert _grads(model)["view_predictor"] and not _grads(model)["domain_classifier"]
+
+
+def test_predict_views_patch_tokens_and_patch_loss():
+    torch.manual_seed(0)
+    model, _ = build_model(TINY)
+    batch, targets = _batch(model, b=2, n=3)
+    lat, tok = model.predict_views(batch["context"], batch["actions"])
+    p, d = model.encoder.num_patches, model.encoder.embed_dim
+    assert tok.shape == (2, 3, p, d) and lat.shape == (2, 3, d)
+    assert torch.allclose(lat, tok.mean(dim=2))
+    with torch.no_grad():
+        out = model(batch, targets, LOSS)
+    want = ((tok - targets["view_tokens"]) ** 2).mean()
+    assert out["patch_mse"].item() == pytest.approx(want.item(), rel=1e-5)
+    adv = torch.nn.functional.softplus(-model.domain_classifier(tok.detach())).mean()
+    assert out["domain"].item() == pytest.approx(want.item() + adv.item(), rel=1e-5)
+    assert 0.0 <= out["fc_acc"].item() <= 1.0
 
 
 def test_alignment_uses_centred_latents():

@@ -14,11 +14,11 @@ from xwin.train import (DataSourceError, _param_groups, load_config, lr_at, main
                         wd_at)
 
 # A very small variant of the tiny config for the mechanics tests (resume, DDP, errors): renders on the
-# fly (no cache), 32 px, two phantoms. The learning test below uses the real tiny config.
+# fly (no cache), 32 px, two phantoms, no validation. The learning test below uses the real tiny config.
 SMALL = ["model.img_size=32", "model.view_pred_depth=1", "model.mask_pred_depth=1", "model.pred_width=96",
          "render.size=32", "render.cache=false", "render.n_targets=3", "batch_size=2",
          "data.ct_shape=[32,32,32]", "data.ct_spacing=[10,10,10]", "data.phantoms=2", "data.sample_ct=false",
-         "data.real_load_size=64", "optim.warmup_steps=2"]
+         "data.real_load_size=64", "data.sample_deformed=0", "optim.warmup_steps=2", "val.every=0"]
 
 
 def _rows(run):
@@ -144,7 +144,7 @@ def test_tiny_config_learns(tmp_path):
 def test_paper_step_render_fraction(tmp_path):
     """Rendering the 24 × (1 + 8) views of a `paper` step (256³ CTs, 224² detector, Siddon, Triton) must be a
     small part of the step (ViT-L, bf16)."""
-    cfg = load_config("paper", ["steps=8", "ckpt_every=1000", "data.phantoms=0", "log_every=1"])
+    cfg = load_config("paper", ["steps=8", "ckpt_every=1000", "data.phantoms=0", "log_every=1", "val.every=0"])
     train(cfg, tmp_path / "paper", device="cuda", progress=False, plot=False)
     rows = _rows(tmp_path / "paper")[3:]  # skip Triton compilation and cuDNN warm-up
     step = sorted(r["step_time"] for r in rows)[len(rows) // 2]

@@ -16,6 +16,8 @@ from typing import Optional, Tuple, Union
 import numpy as np
 import torch
 
+from .errors import XwinError
+
 __all__ = [
     "MU_WATER",
     "hu_to_mu",
@@ -24,6 +26,9 @@ __all__ = [
     "radiograph",
     "display",
     "normalize_radiograph",
+    "normalize_views",
+    "percentile_window",
+    "apply_window",
 ]
 
 Array = Union[torch.Tensor, np.ndarray]
@@ -142,6 +147,30 @@ def _quantiles(x: torch.Tensor, qs) -> torch.Tensor:
     return torch.stack(out, dim=-1)
 
 
+def percentile_window(img: Array, low: float = 0.5, high: float = 99.5):
+    """The per-image window ``(lo, hi)``: the ``low``-th and ``high``-th percentiles over the last two dims
+    (tensors of shape ``img.shape[:-2]``; numpy arrays for numpy input)."""
+    if not (0 <= low < high <= 100):
+        raise XwinError(f"need 0 <= low < high <= 100, got low={low}, high={high}")
+    t, was_np = _to_torch(img)
+    if t.dim() < 2:
+        raise XwinError(f"a percentile window needs (..., H, W), got shape {tuple(t.shape)}")
+    q = _quantiles(t.detach(), (low / 100.0, high / 100.0)).to(t.dtype)
+    return _back(q[..., 0], was_np), _back(q[..., 1], was_np)
+
+
+def apply_window(img: Array, lo, hi, clip_high: bool = True) -> Array:
+    """``(img − lo)/(hi − lo)`` clipped below at 0 (and above at 1 with ``clip_high``); ``lo``/``hi``
+    broadcast over the last two dims. A window of zero width maps to zeros."""
+    t, was_np = _to_torch(img)
+    lo = torch.as_tensor(lo, dtype=t.dtype, device=t.device)[..., None, None]
+    hi = torch.as_tensor(hi, dtype=t.dtype, device=t.device)[..., None, None]
+    span = hi - lo
+    safe = torch.where(span > 0, span, torch.ones_like(span))
+    out = torch.where(span > 0, (t - lo) / safe, torch.zeros_like(t)).clamp(min=0.0)
+    return _back(out.clamp(max=1.0) if clip_high else out, was_np)
+
+
 def normalize_radiograph(
     img: Array,
     low: float = 0.5,
@@ -156,18 +185,24 @@ def normalize_radiograph(
     Both domains of the world model then see the same preprocessing. A constant image maps to zeros.
     Differentiable almost everywhere with respect to ``img`` (the window is treated as data).
     """
-    if not (0 <= low < high <= 100):
-        raise ValueError(f"need 0 <= low < high <= 100, got low={low}, high={high}")
-    t, was_np = _to_torch(img)
-    if t.dim() < 2:
-        raise ValueError(f"normalize_radiograph expects (..., H, W), got shape {tuple(t.shape)}")
-    q = _quantiles(t.detach(), (low / 100.0, high / 100.0)).to(t.dtype)
-    lo = q[..., 0, None, None]
-    hi = q[..., 1, None, None]
-    span = hi - lo
-    safe = torch.where(span > 0, span, torch.ones_like(span))
-    out = torch.where(span > 0, (t - lo) / safe, torch.zeros_like(t))
-    return _back(out.clamp(0.0, 1.0), was_np)
+    lo, hi = percentile_window(img, low, high)
+    return apply_window(img, lo, hi)
+
+
+def normalize_views(views: Array, ref: int = 0, mode: str = "view", low: float = 0.5, high: float = 99.5) -> Array:
+    """Normalise the views ``(V, H, W)`` of one CT (or one real radiograph, ``V = 1``).
+
+    * ``mode="view"``: every view gets its own percentile window (:func:`normalize_radiograph`).
+    * ``mode="ct"``: one window for all views, the percentile window of the reference view ``views[ref]``
+      (the frontal view; a real radiograph is its own reference), clipped at 0 but not at 1, so the
+      intensity scale shared by the views of a CT survives (a lateral view may exceed 1).
+    """
+    if mode == "view":
+        return normalize_radiograph(views, low, high)
+    if mode != "ct":
+        raise XwinError(f"normalisation mode must be 'view' or 'ct', got {mode!r}")
+    lo, hi = percentile_window(views[ref], low, high)
+    return apply_window(views, lo, hi, clip_high=False)
 
 
 def display(

@@ -26,10 +26,13 @@ rows of other CTs keep label 0 and stay negatives. The training loop passes the 
 
 Domain adaptation (structure-preserving)
 ----------------------------------------
-f_c is a token-wise classifier on the mask predictor's predicted patch tokens. L_cls trains it to tell
-real (label 1) from simulated (label 0) on *detached* tokens, so L_cls moves only f_c. L_domain moves
-only the model: MSE between the predicted and target tokens of simulated images (keeps their structure)
-minus log p_fc(real | predicted simulated tokens) evaluated with f_c's parameters detached.
+As in the paper, f_c is a token-wise classifier on the *view predictor's* predicted patch tokens z_patch of
+the simulated target views; the real side is the EMA encoder's tokens of real radiographs (the space the
+predicted tokens are regressed into). L_cls trains f_c to tell real (label 1) from predicted simulated
+(label 0) on *detached* tokens, so L_cls moves only f_c. L_domain moves only the model: the patch MSE of
+z_patch against the EMA encoder's tokens t_patch of the target views (keeps their structure) minus
+log p_fc(real | z_patch) evaluated with f_c's parameters detached (the non-saturating adversarial term).
+The MSE is averaged over channels (the paper's ‖z − t‖² sums them: the same loss with λ scaled by 1/D).
 """
 
 from __future__ import annotations
@@ -48,6 +51,7 @@ __all__ = [
     "mim_loss",
     "domain_loss",
     "classifier_loss",
+    "classifier_accuracy",
 ]
 
 
@@ -137,3 +141,9 @@ def classifier_loss(classifier, real_tokens: torch.Tensor, sim_tokens: torch.Ten
     ls = classifier(sim_tokens.detach()).float()
     return 0.5 * (F.binary_cross_entropy_with_logits(lr, torch.ones_like(lr))
                   + F.binary_cross_entropy_with_logits(ls, torch.zeros_like(ls)))
+
+
+@torch.no_grad()
+def classifier_accuracy(classifier, real_tokens: torch.Tensor, sim_tokens: torch.Tensor) -> torch.Tensor:
+    """Balanced token accuracy of f_c: ½[P(logit > 0 | real) + P(logit <= 0 | simulated)]. Chance 0.5."""
+    return 0.5 * ((classifier(real_tokens) > 0).float().mean() + (classifier(sim_tokens) <= 0).float().mean())

@@ -158,7 +158,7 @@ class VisionTransformer(nn.Module):
     """
 
     def __init__(self, img_size: int = 224, patch_size: int = 16, in_chans: int = 1, embed_dim: int = 768,
-                 depth: int = 12, num_heads: int = 12, mlp_ratio: float = 4.0):
+                 depth: int = 12, num_heads: int = 12, mlp_ratio: float = 4.0, patch_init: str = "xavier"):
         super().__init__()
         if img_size % patch_size != 0:
             raise XwinError(f"image size {img_size} is not a multiple of the patch size {patch_size}")
@@ -175,8 +175,9 @@ class VisionTransformer(nn.Module):
         # the patch projection is initialised like a linear layer (Xavier), as in MAE: with the 0.02
         # truncated normal the fixed position embedding dominates the tokens at init and every image
         # pools to nearly the same latent (cosine 0.9986 between the tiny run's targets; 0.98 with this)
-        w = self.patch_embed.weight
-        nn.init.xavier_uniform_(w.view(w.shape[0], -1))
+        if patch_init == "xavier":
+            w = self.patch_embed.weight
+            nn.init.xavier_uniform_(w.view(w.shape[0], -1))
 
     def forward(self, x: torch.Tensor, keep: Optional[torch.Tensor] = None) -> torch.Tensor:
         if x.dim() != 4 or x.shape[1] != self.in_chans or x.shape[-2:] != (self.img_size, self.img_size):
@@ -284,6 +285,7 @@ class ModelConfig:
     pred_heads: int = 12
     action_dim: int = 3
     cls_hidden: int = 256
+    patch_embed_init: str = "xavier"   # "xavier" (as MAE; our default) or "trunc_normal" (I-JEPA/X-WIN, 0.02)
 
     @classmethod
     def from_dict(cls, d: Optional[dict]) -> "ModelConfig":
@@ -300,6 +302,8 @@ class ModelConfig:
             raise XwinError(f"unknown ViT size {self.size!r}; choose one of {sorted(VIT_SIZES)}")
         if self.img_size % self.patch_size != 0:
             raise XwinError(f"model.img_size {self.img_size} is not a multiple of model.patch_size {self.patch_size}")
+        if self.patch_embed_init not in ("xavier", "trunc_normal"):
+            raise XwinError("model.patch_embed_init must be 'xavier' or 'trunc_normal'")
 
 
 class XWinModel(nn.Module):
@@ -313,7 +317,8 @@ class XWinModel(nn.Module):
             raise XwinError(f"unknown ViT size {cfg.size!r}; choose one of {sorted(VIT_SIZES)}")
         self.cfg = cfg
         dim, depth, heads = VIT_SIZES[cfg.size]
-        self.encoder = VisionTransformer(cfg.img_size, cfg.patch_size, cfg.in_chans, dim, depth, heads)
+        self.encoder = VisionTransformer(cfg.img_size, cfg.patch_size, cfg.in_chans, dim, depth, heads,
+                                         patch_init=cfg.patch_embed_init)
         grid = self.encoder.grid
         self.view_predictor = ViewPredictor(grid, dim, cfg.pred_width, cfg.view_pred_depth, cfg.pred_heads,
                                             cfg.action_dim)
@@ -326,15 +331,15 @@ class XWinModel(nn.Module):
 
         ``batch``: ``context`` (B,1,H,W) simulated frontal view, ``actions`` (B,N,A), ``sim`` / ``real``
         images for MIM with ``sim_keep``/``sim_pred``/``real_keep``/``real_pred`` indices.
-        ``targets``: EMA latents ``align`` (B,N,D) (pooled target-view tokens), ``sim_tokens`` (B,M,D),
-        ``real_tokens`` (B,M,D) (layer-normed EMA tokens at the hidden positions), ``groups`` (B·N,).
+        ``targets``: EMA latents ``align`` (B,N,D) (pooled target-view tokens), ``view_tokens`` (B,N,P,D)
+        (the EMA encoder's tokens of the target views), ``real_view_tokens`` (R,P,D) (its tokens of the real
+        radiographs), ``sim_tokens`` (B,M,D), ``real_tokens`` (B,M,D) (layer-normed EMA tokens at the hidden
+        positions, MIM), ``groups`` (B·N,).
         """
         from . import losses as L
 
-        enc = self.encoder
-        ctx_tokens = enc(batch["context"])
-        pred_view = self.view_predictor(ctx_tokens, batch["actions"])  # (B, N, P, D)
-        z = pred_view.mean(dim=2).flatten(0, 1)  # (B·N, D)
+        z_lat, z_patch = self.predict_views(batch["context"], batch["actions"])  # (B,N,D), (B,N,P,D)
+        z = z_lat.flatten(0, 1)  # (B·N, D)
         t = targets["align"].flatten(0, 1)
         if loss_cfg.get("center_latents", True):
             # remove the batch mean from predictions and targets before the cosine similarities: pooled
@@ -350,6 +355,7 @@ class XWinModel(nn.Module):
         with torch.no_grad():
             out["top1"] = L.top1_accuracy(z.float(), t.float())
 
+        enc = self.encoder
         sim_pred = self.mask_predictor(enc(batch["sim"], keep=batch["sim_keep"]), batch["sim_keep"],
                                        batch["sim_pred"])
         real_pred = self.mask_predictor(enc(batch["real"], keep=batch["real_keep"]), batch["real_keep"],
@@ -357,12 +363,28 @@ class XWinModel(nn.Module):
         out["mim_sim"] = L.mim_loss(sim_pred, targets["sim_tokens"])
         out["mim_real"] = L.mim_loss(real_pred, targets["real_tokens"])
         out["mim"] = 0.5 * (out["mim_sim"] + out["mim_real"])
+        # domain alignment on the view predictor's predicted patch tokens of the simulated target views
+        # (the paper's z_patch) against the EMA encoder's tokens of real radiographs
         fc = self.domain_classifier
-        out["domain"] = L.domain_loss(sim_pred, targets["sim_tokens"], fc)
-        out["cls"] = L.classifier_loss(fc, real_pred, sim_pred)
+        out["patch_mse"] = L.mim_loss(z_patch, targets["view_tokens"])
+        out["domain"] = L.domain_loss(z_patch, targets["view_tokens"], fc)
+        out["cls"] = L.classifier_loss(fc, targets["real_view_tokens"], z_patch)
+        with torch.no_grad():
+            out["fc_acc"] = L.classifier_accuracy(fc, targets["real_view_tokens"], z_patch)
         out["loss"] = (out["align"] + loss_cfg["lambda_mim"] * out["mim"]
                        + loss_cfg["lambda_domain"] * out["domain"] + loss_cfg["lambda_cls"] * out["cls"])
         return out
+
+    def predict_views(self, context_images: torch.Tensor, actions: torch.Tensor):
+        """The world model's prediction of the target views: ``context_images`` (B, 1, H, W) in [0, 1] (the
+        frontal views), ``actions`` (B, N, A) in radians -> ``(latents (B, N, D), patch_tokens (B, N, T, D))``.
+
+        ``patch_tokens[b, n]`` are the predicted encoder tokens (T = patches per image, raster order) of the
+        projection of CT b after action n, in the space of the EMA encoder's output tokens; ``latents`` are
+        their mean over T (what InfoNCE and the affinity loss compare). Stable API (used by decoders).
+        """
+        tokens = self.view_predictor(self.encoder(context_images), actions)
+        return tokens.mean(dim=2), tokens
 
 
 def build_model(cfg: Union[ModelConfig, dict]) -> "tuple[XWinModel, VisionTransformer]":

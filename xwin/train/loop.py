@@ -16,25 +16,23 @@ from ..model import build_model
 from ..render import Renderer
 from .checkpoint import atomic_save, atomic_write_text, check_resumable, rng_state, set_rng_state
 from .config import TrainConfig, as_config
-from .datasets import CTPool, RadiographPool, discover_cts, discover_radiographs
+from .datasets import Pools, build_pools, sample_distinct
 from .distributed import all_gather_objects, dist_setup, is_dist, replica_divergence
 from .plot import plot_run
 from .schedules import lr_at, momentum_at, param_groups, wd_at
 from .step import TrainState, train_step
+from .validation import EvalSet, evaluate, make_eval_sets
 
 __all__ = ["train", "build_state"]
 
 
-def build_state(c: TrainConfig, ct: Sequence[str], cxr: Sequence[str], dev: torch.device, rank: int,
-                world: int) -> TrainState:
-    """Data pools (errors surface here, before any training), renderer, model, EMA target, optimiser."""
-    d = c.data
-    pool = CTPool(discover_cts(ct) if ct else [], d.phantoms_with_ct if ct else d.phantoms, d.sample_ct and not ct,
-                  d.ct_shape, d.ct_spacing, dev, getattr(torch, c.render.volume_dtype), d.ct_cache_size)
-    rads = RadiographPool(discover_radiographs(cxr) if cxr else [], not cxr, d.real_load_size, dev,
-                          d.radiograph_cache_size)
+def build_state(c: TrainConfig, pools: Pools, dev: torch.device, rank: int, world: int) -> TrainState:
+    """Renderer, model, EMA target, optimiser over the given data pools."""
+    pool, rads = pools.train, pools.rads
     pool.get(0)  # fail early and clearly on an unreadable first entry
     rads.get(0)
+    if len(pool) < c.batch_size:
+        sample_distinct(len(pool), c.batch_size, torch.Generator())  # raises the clear error
     torch.manual_seed(c.seed)
     model, target = build_model(c.model)
     model.to(dev)
@@ -111,7 +109,15 @@ class _Log:
                 x.close()
 
 
-def _summary(s: TrainState, history: List[dict], start: int, end: int, wall: float, world: int) -> dict:
+def _validate(s: TrainState, sets: List[EvalSet]) -> dict:
+    out = {}
+    for es in sets:
+        out.update({f"{es.name}/{k}": v for k, v in evaluate(s.model, s.target, es, s.cfg.loss, s.amp).items()})
+    return out
+
+
+def _summary(s: TrainState, history: List[dict], evals: List[dict], start: int, end: int, wall: float,
+             world: int) -> dict:
     c = s.cfg
     k = max(1, min(20, len(history) // 5))
     first, last = history[:k], history[-k:]
@@ -132,8 +138,10 @@ def _summary(s: TrainState, history: List[dict], start: int, end: int, wall: flo
         "align_start": avg(first, "align"), "align_end": avg(last, "align"),
         "top1_start": avg(first, "top1"), "top1_end": avg(last, "top1"),
         "loss_start": avg(first, "loss"), "loss_end": avg(last, "loss"),
+        "patch_mse_start": avg(first, "patch_mse"), "patch_mse_end": avg(last, "patch_mse"),
         "replica_max_abs_diff": replica_divergence([s.model, s.target]), "ct_pool": s.pool.describe(),
         "radiographs": len(s.rads),
+        "validation_first": evals[0] if evals else None, "validation_last": evals[-1] if evals else None,
     }
 
 
@@ -153,7 +161,9 @@ def train(cfg: Union[dict, TrainConfig], out_dir, ct: Sequence[str] = (), cxr: S
         out.mkdir(parents=True, exist_ok=True)
     if is_dist():
         torch.distributed.barrier()
-    s = build_state(c, ct, cxr, dev, rank, world)
+    pools = build_pools(c, ct, cxr, dev)
+    s = build_state(c, pools, dev, rank, world)
+    sets = make_eval_sets(s, pools) if c.val.every and rank == 0 else []
     ckpt_path, metrics_path = out / "checkpoint.pt", out / "metrics.jsonl"
     start = _resume(s, ckpt_path, metrics_path, plain, rank, world) if resume and ckpt_path.exists() else 0
     if rank == 0:
@@ -162,21 +172,28 @@ def train(cfg: Union[dict, TrainConfig], out_dir, ct: Sequence[str] = (), cxr: S
         atomic_write_text(json.dumps(plain, indent=2) + "\n", out / "config.json")
 
     end = c.steps if stop_after is None else min(c.steps, int(stop_after))
-    history: List[dict] = []
+    history, evals = [], []
     log = _Log(metrics_path, rank, progress, start, end, c.name)
     t_loop = time.perf_counter()
     try:
         s.model.train()
+        if sets and start == 0:
+            evals.append({"step": 0, **_validate(s, sets)})
+            log(evals[-1], write=True)
         for step in range(start, end):
             rec = train_step(s, step)
             history.append(rec)
-            log(rec, write=(step + 1) % c.log_every == 0 or step + 1 == end)
+            is_val = bool(sets) and ((step + 1) % c.val.every == 0 or step + 1 == end)
+            if is_val:
+                evals.append({"step": step + 1, **_validate(s, sets)})
+                rec = {**rec, **evals[-1]}
+            log(rec, write=is_val or (step + 1) % c.log_every == 0 or step + 1 == end)
             if (step + 1) % c.ckpt_every == 0 or step + 1 == end:
                 _save(s, step + 1, plain, ckpt_path, rank, world)
     finally:
         log.close()
 
-    summary = _summary(s, history, start, end, time.perf_counter() - t_loop, world)
+    summary = _summary(s, history, evals, start, end, time.perf_counter() - t_loop, world)
     if rank == 0:
         atomic_write_text(json.dumps(summary, indent=2) + "\n", out / "summary.json")
         if plot and end == c.steps and len(history) > 1:

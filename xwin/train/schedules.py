@@ -15,11 +15,16 @@ Optim = Union[OptimConfig, Mapping]
 
 
 def lr_at(step: int, total: int, o: Optim, peak: float) -> float:
-    """Linear warm-up start_lr -> peak over ``warmup_steps``, then cosine decay peak -> final_lr."""
+    """Linear warm-up start_lr -> peak over ``warmup_steps``, then cosine decay peak -> final_lr.
+
+    The warm-up never decreases the lr: when the batch-scaled peak is below ``start_lr`` (e.g. the
+    official 1e-4 × 24/256 = 9.4e-6 < 2e-5 on one GPU), it starts at the peak (a constant warm-up).
+    """
     o = section(o)
     w = int(o["warmup_steps"])
     if step < w:
-        return o["start_lr"] + (peak - o["start_lr"]) * step / max(1, w)
+        start = min(o["start_lr"], peak)
+        return start + (peak - start) * step / max(1, w)
     t = (step - w) / max(1, total - w)
     return o["final_lr"] + (peak - o["final_lr"]) * 0.5 * (1.0 + math.cos(math.pi * min(1.0, t)))
 

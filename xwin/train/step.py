@@ -17,14 +17,15 @@ from ..masks import sample_block_masks
 from ..model import VisionTransformer, XWinModel, ema_update, gather_tokens
 from ..render import Renderer, actions_to_model
 from .config import TrainConfig, section
-from .datasets import CTPool, RadiographPool
+from .datasets import CTPool, RadiographPool, sample_distinct
 from .distributed import mean_across_ranks
 from .schedules import lr_at, momentum_at, wd_at
 
 __all__ = ["TrainState", "train_step", "LOGGED"]
 
 # the losses and metrics logged every step (besides grad_norm, schedules and timings)
-LOGGED = ["loss", "align", "infonce", "affinity", "top1", "mim", "mim_sim", "mim_real", "domain", "cls"]
+LOGGED = ["loss", "align", "infonce", "affinity", "top1", "mim", "mim_sim", "mim_real", "domain", "cls", "patch_mse",
+          "fc_acc"]
 
 
 @dataclass
@@ -50,11 +51,10 @@ class TrainState:
 def _draw(s: TrainState) -> dict:
     """CT indices, actions, real crops and block masks for one step (all from ``s.gen``)."""
     c, B = s.cfg, s.cfg.batch_size
-    n_pool = len(s.pool)
-    idx = (torch.randperm(n_pool, generator=s.gen)[:B] if n_pool >= B
-           else torch.randint(0, n_pool, (B,), generator=s.gen)).tolist()
+    idx = sample_distinct(len(s.pool), B, s.gen)
     actions = s.renderer.sample_actions(B, s.gen)
-    real = s.rads.sample(B, c.model.img_size, s.gen, tuple(c.data.real_crop_scale), tuple(c.data.real_crop_ratio))
+    real = s.rads.sample(B, c.model.img_size, s.gen, tuple(c.data.real_crop_scale), tuple(c.data.real_crop_ratio),
+                         normalize=c.render.normalize)
     grid = s.model.encoder.grid
     sim_keep, sim_pred = sample_block_masks(B, grid, c.masks, s.gen)
     real_keep, real_pred = sample_block_masks(B, grid, c.masks, s.gen)
@@ -64,13 +64,14 @@ def _draw(s: TrainState) -> dict:
 
 @torch.no_grad()
 def _targets(s: TrainState, d: dict, ctx: torch.Tensor, tgt: torch.Tensor, pick):
-    """EMA-encoder targets: pooled target-view latents (alignment), layer-normed tokens at the hidden
-    positions of the simulated and the real MIM image. Returns (targets, simulated MIM image)."""
+    """EMA-encoder targets: the target views' tokens (patch MSE, f_c) and their mean (alignment), the real
+    radiographs' tokens (f_c's real side), layer-normed tokens at the hidden positions of the simulated and
+    the real MIM image. Returns (targets, simulated MIM image)."""
     B, n, dev = ctx.shape[0], tgt.shape[1], s.device
     with s.amp():
         imgs = torch.cat([tgt.flatten(0, 1)] + ([] if pick is not None else [ctx]) + [d["real"]])
         h = s.target(imgs)
-    h_align = h[: B * n].float().mean(dim=1).reshape(B, n, -1)
+    h_views = h[: B * n].float().reshape(B, n, *h.shape[1:])
     h_rest = F.layer_norm(h.float(), (h.shape[-1],))
     if pick is not None:
         h_sim = h_rest[torch.arange(B, device=dev) * n + pick]
@@ -79,7 +80,9 @@ def _targets(s: TrainState, d: dict, ctx: torch.Tensor, tgt: torch.Tensor, pick)
         h_sim = h_rest[B * n: B * n + B]
         sim = ctx
     targets = {
-        "align": h_align,
+        "align": h_views.mean(dim=2),
+        "view_tokens": h_views,
+        "real_view_tokens": h[-B:].float(),
         "sim_tokens": gather_tokens(h_sim, d["sim_pred"].to(dev)),
         "real_tokens": gather_tokens(h_rest[-B:], d["real_pred"].to(dev)),
         "groups": torch.arange(B, device=dev).repeat_interleave(n),
