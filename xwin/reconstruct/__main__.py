@@ -66,14 +66,34 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog=prog,
         description="Simulate a CT scan of a volume with xwin's projector and reconstruct it (FDK/FBP, SIRT, "
-                    "CGLS, TV). Without a CT, the embedded sample chest CT is used.",
+                    "CGLS, TV). Without a CT, the embedded sample chest CT is used. With --projections, reconstruct "
+                    "given projections (an RTK/ITK MetaImage stack, NIfTI or .npy) with their scan geometry (RTK "
+                    "XML or xwin JSON) instead.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("ct", nargs="?", default=None, help="CT volume (NIfTI file or DICOM series folder), HU; "
                    "default: the embedded sample chest CT")
     p.add_argument("--method", choices=METHODS, default="fdk",
                    help="fdk = filtered backprojection (FDK for cone beam, FBP for parallel; fbp is the same); "
                         "sirt = ordered-subsets SIRT; cgls; tv = TV-regularised OS proximal gradient")
-    p.add_argument("--geometry", choices=("cone", "parallel"), default="cone")
+    p.add_argument("--geometry", default="cone", metavar="cone|parallel|FILE",
+                   help="simulated scan: cone or parallel beam; with --projections: the scan's geometry file, RTK's "
+                        "ThreeDCircularProjectionGeometry XML or xwin's geometry JSON")
+    m = p.add_argument_group("given projections (instead of a simulated scan)")
+    m.add_argument("--projections", metavar="PROJ", default=None,
+                   help="projection stack (V, rows, cols): .mha/.mhd (ITK/RTK), .nii/.nii.gz or .npy; line integrals "
+                        "unless --i0")
+    m.add_argument("--i0", type=_positive(float, "--i0"), default=None,
+                   help="the stack holds intensities: p = -log(I / I0)")
+    m.add_argument("--like", metavar="REF", default=None, help="output grid (shape and affine) of this volume")
+    m.add_argument("--shape", type=_positive(int, "--shape"), nargs=3, metavar=("X", "Y", "Z"), default=None,
+                   help="output grid size (with --spacing, about --center)")
+    m.add_argument("--spacing", type=_positive(float, "--spacing"), nargs="+", metavar="MM", default=None,
+                   help="output voxel size in mm (one or three numbers)")
+    m.add_argument("--center", type=float, nargs=3, metavar=("X", "Y", "Z"), default=None,
+                   help="world position (RAS mm) of the output grid's centre (default: the orbit's centre)")
+    m.add_argument("--truth", metavar="VOL", default=None, help="volume to measure the reconstruction against")
+    m.add_argument("--values", choices=("hu", "mu"), default="hu",
+                   help="units of the output NIfTI and of --truth: HU, or attenuation in 1/mm")
     p.add_argument("--views", type=_positive(int, "--views"), default=None,
                    help="number of views (default: 360 for fdk/fbp, 60 for the iterative methods)")
     p.add_argument("--arc", type=_arc, default=360.0,
@@ -83,7 +103,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--detector", type=_detector, default=None,
                    help="detector ROWSxCOLS (default: just covers the volume in every view)")
     p.add_argument("--pixel-size", type=_positive(float, "--pixel-size"), default=None,
-                   help="detector pixel size in mm (default: voxel size x magnification)")
+                   help="detector pixel size in mm (default: voxel size x magnification); with --projections: the "
+                        "pixel size of a .npy stack under an RTK geometry")
     p.add_argument("--downsample", type=_positive(int, "--downsample"), default=2,
                    help="integer block-average downsampling of the CT before simulating (1 = full resolution)")
     p.add_argument("--projector", choices=("siddon", "trilinear"), default="siddon",
@@ -116,8 +137,20 @@ def build_parser() -> argparse.ArgumentParser:
 # ---------------------------------------------------------------------------------------- run
 
 def run(args) -> dict:
-    """The run the parsed options ask for (see :mod:`xwin.reconstruct.pipeline`); returns its metrics."""
+    """The run the parsed options ask for (see :mod:`xwin.reconstruct.pipeline` and
+    :mod:`xwin.reconstruct.measured`); returns its metrics."""
+    from xwin.errors import XwinError
+
     from .pipeline import simulate_and_reconstruct
+
+    if args.projections is not None:
+        return run_measured(args)
+    if args.geometry not in ("cone", "parallel"):
+        raise XwinError(f"--geometry must be cone or parallel for a simulated scan, got {args.geometry!r} "
+                        "(a geometry file goes with --projections)")
+    given = [o for o in ("like", "shape", "spacing", "center", "truth", "i0") if getattr(args, o) is not None]
+    if given:
+        raise XwinError(f"--{given[0]} goes with --projections (reconstructing given projections)")
 
     args.views = args.views or DEFAULT_VIEWS.get(args.method)
     options = {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(args).items() if k != "from_model"}
@@ -127,6 +160,55 @@ def run(args) -> dict:
         projector=args.projector, filter=args.filter, cutoff=args.cutoff, iterations=args.iterations,
         subsets=args.subsets, tv_weight=args.tv_weight, noise=args.noise, seed=args.seed, device=args.device,
         threads=args.threads, out=args.out, show=not args.quiet, options=options)
+
+
+def run_measured(args) -> dict:
+    """``--projections``: reconstruct the given stack (see :func:`xwin.reconstruct.measured.reconstruct_measured`)."""
+    from xwin.errors import XwinError
+
+    from .measured import reconstruct_measured
+
+    if args.ct is not None:
+        raise XwinError("give either a CT to simulate or --projections, not both")
+    options = {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(args).items() if k != "from_model"}
+    return reconstruct_measured(
+        args.projections, args.geometry, like=args.like, shape=args.shape, spacing=args.spacing, center=args.center,
+        method=args.method, i0=args.i0, pixel_size=args.pixel_size, truth=args.truth, values=args.values,
+        filter=args.filter, cutoff=args.cutoff, iterations=args.iterations, subsets=args.subsets,
+        tv_weight=args.tv_weight, projector=args.projector, device=args.device, threads=args.threads, out=args.out,
+        show=not args.quiet, options=options)
+
+
+def summary_measured(mt: dict) -> str:
+    rec, t, m = mt["reconstruction"], mt["time_s"], mt["metrics"]
+    lines = [f"xwin.reconstruct — {mt['method'].upper()} of given projections {mt['input']['path']}",
+             f"  data       {mt['input']['shape_v_rows_cols'][0]} views of {mt['input']['shape_v_rows_cols'][1]}x"
+             f"{mt['input']['shape_v_rows_cols'][2]}, {mt['geometry']['kind']} beam, geometry "
+             f"{mt['geometry_file']['format']} ({mt['geometry_file']['path']})"
+             + (f", intensities with I0 = {mt['input']['i0']:g}" if "i0" in mt["input"] else ""),
+             f"  volume     {tuple(mt['volume_shape'])} voxels of "
+             f"{' x '.join(f'{v:.2f}' for v in mt['voxel_size_mm'])} mm (grid from {mt['grid']['from']})"]
+    lines += _method_lines(rec)
+    lines.append("  time       " + ", ".join(f"{k} {v:.1f} s" for k, v in t.items() if k != "total")
+                 + f"  | total {t['total']:.1f} s")
+    lines.append(f"  memory     peak RSS {mt['memory']['peak_rss_mib']:.0f} MiB")
+    if m:
+        lines.append(f"  quality    PSNR {m['psnr_db']:.2f} dB, SSIM {m['ssim']}, RMSE {m['rmse_hu']:.1f} HU "
+                     f"(over {m['fov_voxels']} FOV voxels) against {mt['truth']}")
+    o = mt["outputs"]
+    lines.append(f"  outputs    {o['nifti']} ({mt['values'].upper()}), {o['figure']}, {o['metrics']}")
+    return "\n".join(lines)
+
+
+def _method_lines(rec: dict) -> list:
+    if "iterations" in rec:
+        if not rec["residual_history"]:
+            return []
+        return [f"  iterations {rec['iterations']} ({rec['stop_reason']}), final relative residual "
+                f"{rec['residual_history'][-1]:.3e}"]
+    if "filter" in rec:
+        return [f"  filter     {rec['filter']} (cutoff {rec['cutoff']:g}), {rec['orbit']['redundancy']}"]
+    return []
 
 
 def summary(mt: dict) -> str:
@@ -142,11 +224,7 @@ def summary(mt: dict) -> str:
         f"  data       {mt['projector']} projector, "
         + ("noise-free" if not mt["noise"] else f"Poisson noise I0 = {mt['noise']['I0']:g}"),
     ]
-    if "iterations" in rec:
-        lines.append(f"  iterations {rec['iterations']} ({rec['stop_reason']}), final relative residual "
-                     f"{rec['residual_history'][-1]:.3e}" if rec["residual_history"] else "")
-    elif "filter" in rec:
-        lines.append(f"  filter     {rec['filter']} (cutoff {rec['cutoff']:g}), {rec['orbit']['redundancy']}")
+    lines += _method_lines(rec)
     lines.append("  time       " + ", ".join(f"{k} {v:.1f} s" for k, v in t.items() if k != "total")
                  + f"  | total {t['total']:.1f} s")
     mem = mt["memory"]
@@ -191,7 +269,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     except KeyboardInterrupt:
         print(f"{parser.prog}: interrupted", file=sys.stderr)
         return 130
-    print(summary(mt))
+    print(summary_measured(mt) if args.projections is not None else summary(mt))
     return 0
 
 

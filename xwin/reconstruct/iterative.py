@@ -1,4 +1,4 @@
-"""Iterative reconstruction on top of ``xwin.kernels.project`` / ``backproject`` (any geometry).
+"""Iterative reconstruction on top of the ``xwin.kernels.Projector`` operator (``P(x)``, exact adjoint ``P.T(y)``; any geometry).
 
 * :func:`sirt` — Simultaneous Iterative Reconstruction Technique: ``x ← P₊(x + λ C Aᵀ R (b − A x))`` with
   ``R = 1/(A 1)`` and ``C = 1/(Aᵀ 1)`` (Gilbert 1972; the form used by ASTRA and TIGRE). Non-negativity by
@@ -29,33 +29,34 @@ import numpy as np
 import torch
 
 from xwin.geometry import Geometry
-from xwin.kernels import backproject, project
+from xwin.kernels import Projector as KernelProjector
 
 __all__ = ["Projector", "sirt", "cgls", "tv_recon", "tv_prox", "poisson_noise_norm", "gradient", "divergence", "tv"]
 
 
 class Projector:
-    """``A`` and ``Aᵀ`` for one geometry and volume grid, counting calls and time."""
+    """``A`` and ``Aᵀ`` for one geometry and volume grid: :class:`xwin.kernels.Projector` (ray parameters
+    prepared once, not per iteration), counting calls and time."""
 
     def __init__(self, geometry: Geometry, volume_shape: Sequence[int], *, affine=None, method: str = "siddon",
                  step: float = 0.5, backend: str = "auto"):
         if not isinstance(geometry, Geometry):
             raise TypeError(f"geometry must be an xwin.geometry.Geometry, got {type(geometry).__name__}")
         self.geometry, self.shape, self.affine = geometry, tuple(int(s) for s in volume_shape), affine
-        self.kw = dict(affine=affine, method=method, step=step, backend=backend)
+        self.op = KernelProjector(geometry, self.shape, affine=affine, method=method, step=step, backend=backend)
         self.calls = {"project": 0, "backproject": 0}
         self.seconds = {"project": 0.0, "backproject": 0.0}
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         t = time.perf_counter()
-        out = project(x, self.geometry, **self.kw)
+        out = self.op(x)
         self.calls["project"] += 1
         self.seconds["project"] += time.perf_counter() - t
         return out
 
     def T(self, y: torch.Tensor) -> torch.Tensor:
         t = time.perf_counter()
-        out = backproject(y, self.geometry, self.shape, dtype=y.dtype, **self.kw)
+        out = self.op.T(y, dtype=y.dtype)
         self.calls["backproject"] += 1
         self.seconds["backproject"] += time.perf_counter() - t
         return out

@@ -226,8 +226,9 @@ def simulate_and_reconstruct(ct: Optional[str] = None, *, method: str = "fdk", k
 
 
 def write_outputs(st: Stages, paths: dict, rec, truth, geometry, affine, p, info: dict, title: str, *,
-                  view_labels=None, proj_aspect: float = 1.0, device=None) -> Optional[dict]:
-    """Metrics over the field of view (when ``truth`` is given), the NIfTI in HU and the figure."""
+                  view_labels=None, proj_aspect: float = 1.0, device=None, values: str = "hu") -> Optional[dict]:
+    """Metrics over the field of view (when ``truth`` is given), the NIfTI (in HU, or μ with
+    ``values="mu"``) and the figure (HU)."""
     from xwin.intensity import mu_to_hu
     from xwin.io import Volume, save_volume
 
@@ -240,7 +241,8 @@ def write_outputs(st: Stages, paths: dict, rec, truth, geometry, affine, p, info
         fov = st.run("fov_mask", filters.fov_mask, geometry, tuple(rec.shape), affine=affine, device=device)
         m = st.run("metrics", report.image_metrics, rec, truth, fov)
         truth_hu = mu_to_hu(truth.cpu()).numpy()
-    st.run("write_nifti", save_volume, Volume(rec_hu.contiguous(), affine), paths["nifti"])
+    rec_out = rec_hu if values == "hu" else rec.detach().cpu()
+    st.run("write_nifti", save_volume, Volume(rec_out.contiguous(), affine), paths["nifti"])
     st.run("figure", report.save_figure, paths["figure"], truth_hu, rec_hu.numpy(), affine, p.cpu().numpy(), title,
            m, residuals=info.get("residual_history"), view_labels=view_labels, proj_aspect=proj_aspect)
     return m
