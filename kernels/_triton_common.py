@@ -4,43 +4,54 @@ They mirror ``kernels/reference.py`` operation for operation (see ``kernels/_pre
 parametrisation), so that the kernels and the reference compute the same operator.
 """
 
+import itertools
+
 import triton
 import triton.language as tl
 
+from . import layout
+
 INF = tl.constexpr(float("inf"))
+# the ray record's offsets (kernels/layout.py), as constexprs the compiler accepts
+RAY_FIRST = tl.constexpr(layout.RAY_FIRST)
+RAY_CENTER = tl.constexpr(layout.RAY_CENTER)
+RAY_U = tl.constexpr(layout.RAY_U)
+RAY_V = tl.constexpr(layout.RAY_V)
+RAY_M = tl.constexpr(layout.RAY_M)
+RAY_RECORD = tl.constexpr(layout.RAY_RECORD)
 
 
 @triton.jit
 def ray_setup(params_ptr, b, v, V, rr, cc, ROWS, COLS, IS_CONE: tl.constexpr, DTYPE: tl.constexpr):
     """Index-space origin o, direction e (per mm) and parameter range [tlo, thi] of the pixels (rr, cc)."""
-    base = params_ptr + (b * V + v) * 24
-    f0 = tl.load(base + 0).to(DTYPE)
-    f1 = tl.load(base + 1).to(DTYPE)
-    f2 = tl.load(base + 2).to(DTYPE)
-    cx = tl.load(base + 3).to(DTYPE)
-    cy = tl.load(base + 4).to(DTYPE)
-    cz = tl.load(base + 5).to(DTYPE)
-    ux = tl.load(base + 6).to(DTYPE)
-    uy = tl.load(base + 7).to(DTYPE)
-    uz = tl.load(base + 8).to(DTYPE)
-    vx = tl.load(base + 9).to(DTYPE)
-    vy = tl.load(base + 10).to(DTYPE)
-    vz = tl.load(base + 11).to(DTYPE)
+    base = params_ptr + (b * V + v) * RAY_RECORD
+    f0 = tl.load(base + RAY_FIRST + 0).to(DTYPE)
+    f1 = tl.load(base + RAY_FIRST + 1).to(DTYPE)
+    f2 = tl.load(base + RAY_FIRST + 2).to(DTYPE)
+    cx = tl.load(base + RAY_CENTER + 0).to(DTYPE)
+    cy = tl.load(base + RAY_CENTER + 1).to(DTYPE)
+    cz = tl.load(base + RAY_CENTER + 2).to(DTYPE)
+    ux = tl.load(base + RAY_U + 0).to(DTYPE)
+    uy = tl.load(base + RAY_U + 1).to(DTYPE)
+    uz = tl.load(base + RAY_U + 2).to(DTYPE)
+    vx = tl.load(base + RAY_V + 0).to(DTYPE)
+    vy = tl.load(base + RAY_V + 1).to(DTYPE)
+    vz = tl.load(base + RAY_V + 2).to(DTYPE)
     r = rr.to(DTYPE) - (ROWS - 1) / 2
     c = cc.to(DTYPE) - (COLS - 1) / 2
     px = cx + c * ux + r * vx
     py = cy + c * uy + r * vy
     pz = cz + c * uz + r * vz
     if IS_CONE:
-        m00 = tl.load(base + 12).to(DTYPE)
-        m01 = tl.load(base + 13).to(DTYPE)
-        m02 = tl.load(base + 14).to(DTYPE)
-        m10 = tl.load(base + 15).to(DTYPE)
-        m11 = tl.load(base + 16).to(DTYPE)
-        m12 = tl.load(base + 17).to(DTYPE)
-        m20 = tl.load(base + 18).to(DTYPE)
-        m21 = tl.load(base + 19).to(DTYPE)
-        m22 = tl.load(base + 20).to(DTYPE)
+        m00 = tl.load(base + RAY_M + 0).to(DTYPE)
+        m01 = tl.load(base + RAY_M + 1).to(DTYPE)
+        m02 = tl.load(base + RAY_M + 2).to(DTYPE)
+        m10 = tl.load(base + RAY_M + 3).to(DTYPE)
+        m11 = tl.load(base + RAY_M + 4).to(DTYPE)
+        m12 = tl.load(base + RAY_M + 5).to(DTYPE)
+        m20 = tl.load(base + RAY_M + 6).to(DTYPE)
+        m21 = tl.load(base + RAY_M + 7).to(DTYPE)
+        m22 = tl.load(base + RAY_M + 8).to(DTYPE)
         dx = px - f0
         dy = py - f1
         dz = pz - f2
@@ -127,3 +138,22 @@ def voxel_offset(vol_base, ix, iy, iz, NY, NZ, INT64: tl.constexpr):
     else:
         off = vol_base + ix.to(tl.int32) * (NY * NZ) + iy.to(tl.int32) * NZ + iz.to(tl.int32)
     return off
+
+
+def projector_aot_specs(name: str, fn, extra_ptrs=()):
+    """Ahead-of-time variants of a projector kernel (cone/parallel × forward/adjoint × storage dtype ×
+    index width), in the format of kernels/aot.py; ``extra_ptrs`` are further pointer arguments after
+    ``proj_ptr`` (in the compute dtype)."""
+    ints = {k: "i32" for k in ("V", "ROWS", "COLS", "NX", "NY", "NZ")}
+    specs = []
+    for cone, adj, (vt, dt), i64 in itertools.product((True, False), (False, True),
+                                                       (("*fp32", tl.float32), ("*fp16", tl.float32),
+                                                        ("*bf16", tl.float32), ("*fp64", tl.float64)),
+                                                       (False, True)):
+        if adj and vt in ("*fp16", "*bf16"):
+            continue            # the adjoint accumulates into a float32/float64 buffer
+        ct = "*fp64" if dt == tl.float64 else "*fp32"
+        sig = {"vol_ptr": vt, "params_ptr": ct, "proj_ptr": ct, **{p: ct for p in extra_ptrs}, **ints}
+        specs.append(dict(name=f"{name} cone={cone} adjoint={adj} vol={vt} int64={i64}", fn=fn, signature=sig,
+                          constexprs=dict(IS_CONE=cone, ADJOINT=adj, DTYPE=dt, INT64=i64, BLOCK_R=8, BLOCK_C=16)))
+    return specs

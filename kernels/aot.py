@@ -6,14 +6,14 @@ reads registers / spills from the cubin.
 
     python -m xwin.kernels.aot            # prints a JSON report, exit status 1 if any variant fails
 
-A kernel module takes part by defining ``AOT_SPECS``: a list of dicts with ``fn``, ``signature`` (argument
-name -> Triton type string, e.g. ``"*fp32"``, ``"i32"``) and ``constexprs`` (name -> value).
+A kernel module takes part by being listed in ``KERNEL_MODULES`` and defining ``aot_specs()``: a list of
+dicts with ``name``, ``fn``, ``signature`` (argument name -> Triton type string, e.g. ``"*fp32"``,
+``"i32"``), ``constexprs`` (name -> value) and optionally ``num_warps``.
 """
 
 from __future__ import annotations
 
 import importlib
-import itertools
 import json
 import os
 import subprocess
@@ -23,28 +23,8 @@ import tempfile
 __all__ = ["kernel_specs", "compile_spec", "main"]
 
 
-def _projector_specs():
-    import triton.language as tl
-
-    from .siddon import siddon_kernel
-    from .trilinear import trilinear_kernel
-
-    ints = {k: "i32" for k in ("V", "ROWS", "COLS", "NX", "NY", "NZ")}
-    specs = []
-    for cone, adj, (vt, dt), i64 in itertools.product((True, False), (False, True),
-                                                       (("*fp32", tl.float32), ("*fp16", tl.float32),
-                                                        ("*bf16", tl.float32), ("*fp64", tl.float64)),
-                                                       (False, True)):
-        if adj and vt in ("*fp16", "*bf16"):
-            continue            # the adjoint accumulates into a float32/float64 buffer
-        ct = "*fp64" if dt == tl.float64 else "*fp32"
-        const = dict(IS_CONE=cone, ADJOINT=adj, DTYPE=dt, INT64=i64, BLOCK_R=8, BLOCK_C=16)
-        specs.append(dict(name=f"siddon cone={cone} adjoint={adj} vol={vt} int64={i64}", fn=siddon_kernel,
-                          signature={"vol_ptr": vt, "params_ptr": ct, "proj_ptr": ct, **ints}, constexprs=const))
-        specs.append(dict(name=f"trilinear cone={cone} adjoint={adj} vol={vt} int64={i64}", fn=trilinear_kernel,
-                          signature={"vol_ptr": vt, "params_ptr": ct, "proj_ptr": ct, "dt_ptr": ct, **ints},
-                          constexprs=const))
-    return specs
+#: the modules holding Triton kernels; each defines ``aot_specs()``
+KERNEL_MODULES = ("siddon", "trilinear", "fdk")
 
 
 def _with_size_one(specs):
@@ -63,13 +43,9 @@ def _with_size_one(specs):
 
 
 def kernel_specs():
-    specs = _projector_specs()
-    for mod in ("fdk_backproject",):
-        try:
-            m = importlib.import_module(f"{__package__}.{mod}")
-        except ImportError:
-            continue
-        specs.extend(getattr(m, "AOT_SPECS", []))
+    specs = []
+    for mod in KERNEL_MODULES:
+        specs.extend(importlib.import_module(f"{__package__}.{mod}").aot_specs())
     return _with_size_one(specs)
 
 

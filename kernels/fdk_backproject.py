@@ -14,30 +14,26 @@ Contract (shared by :func:`backproject_reference` and the Triton kernel, tested 
   of the pixel centres with zero padding outside the detector; views in which the voxel lies at or behind
   the source plane (``w ≤ 0``) contribute nothing.
 
-The kernel: one program per tile of ``BLOCK`` consecutive voxels (flat index, z fastest) of one volume of
-the batch; it loops over all views, projects its voxel centres, gathers four taps per voxel and accumulates in
-registers; every voxel is written exactly once (no atomics). The matrices make it work for any vector
-geometry; whether the *weights* in ``q`` are right for that geometry is the caller's business (FDK's
-are derived for a circular orbit, see :mod:`xwin.reconstruct.filters`).
+The Triton kernel lives in :mod:`xwin.kernels.fdk` (its ahead-of-time targets are declared there, like the
+projector kernels'). The matrices make it work for any vector geometry; whether the *weights* in ``q`` are
+right for that geometry is the caller's business (FDK's are derived for a circular orbit, see :mod:`xwin.reconstruct.filters`).
 """
 
 from __future__ import annotations
 
 import math
-import os
 from typing import Sequence
 
-import numpy as np
 import torch
 
-from xwin.geometry import Geometry
 from xwin.errors import XwinError
+from xwin.geometry import Geometry
 
-__all__ = ["view_matrices", "fdk_backproject", "backproject_reference", "backproject_triton", "AOT_SPECS",
-           "BLOCK", "NUM_WARPS"]
+from ._backend import resolve_backend
+from ._prep import ProjectorInputError, affine_batch, as_batched, check_shape
 
-BLOCK = 256
-NUM_WARPS = 4
+__all__ = ["view_matrices", "fdk_backproject", "backproject_reference", "backproject_triton", "FDKBackprojectError"]
+
 _INT32_MAX = 2**31 - 1
 
 
@@ -58,10 +54,13 @@ def view_matrices(geometry: Geometry, affine=None) -> torch.Tensor:
     if not isinstance(geometry, Geometry):
         raise FDKBackprojectError(f"geometry must be an xwin.geometry.Geometry, got {type(geometry).__name__}")
     g = geometry.to("cpu")
-    A = torch.eye(4, dtype=torch.float64) if affine is None else torch.as_tensor(
-        np.asarray(affine.detach().cpu() if isinstance(affine, torch.Tensor) else affine, dtype=np.float64))
-    if A.shape != (4, 4):
+    try:
+        A = affine_batch(affine).detach()
+    except ProjectorInputError as exc:
+        raise FDKBackprojectError(str(exc)) from None
+    if A.shape[0] != 1:
         raise FDKBackprojectError(f"affine must be (4, 4), got {tuple(A.shape)}")
+    A = A[0]
     C, u, v = g.center, g.u, g.v
     V = g.num_views
     # dual basis (u*, v*) of the detector plane: u*·u = 1, u*·v = 0, v*·u = 0, v*·v = 1, both in span(u, v)
@@ -102,24 +101,13 @@ def view_matrices(geometry: Geometry, affine=None) -> torch.Tensor:
 # ---------------------------------------------------------------------------------------- checks
 
 def _check(q: torch.Tensor, mats: torch.Tensor, volume_shape: Sequence[int]):
-    if not isinstance(q, torch.Tensor):
-        raise FDKBackprojectError(f"projections must be a torch.Tensor, got {type(q).__name__}")
-    if q.ndim not in (3, 4):
-        raise FDKBackprojectError(f"projections must be (V, rows, cols) or (B, V, rows, cols), got {tuple(q.shape)}")
-    if q.dtype not in (torch.float32, torch.float64):
-        raise FDKBackprojectError(f"projections must be float32 or float64, got {q.dtype}")
-    if q.numel() == 0:
-        raise FDKBackprojectError(f"projections are empty: {tuple(q.shape)}")
-    q4 = q.unsqueeze(0) if q.ndim == 3 else q
+    q4, squeeze = as_batched(q, "projections", "(V, rows, cols)", (torch.float32, torch.float64), FDKBackprojectError)
     mats = torch.as_tensor(mats)
     if mats.ndim != 3 or mats.shape[1:] != (3, 4) or mats.shape[0] != q4.shape[1]:
         raise FDKBackprojectError(f"mats must be (V, 3, 4) with V = {q4.shape[1]} views, got {tuple(mats.shape)}")
     if not torch.isfinite(mats).all():
         raise FDKBackprojectError("mats contain NaN or Inf")
-    shape = tuple(int(s) for s in volume_shape)
-    if len(shape) != 3 or min(shape) < 1:
-        raise FDKBackprojectError(f"volume_shape must be three positive sizes, got {tuple(volume_shape)}")
-    return q4, q.ndim == 3, mats, shape
+    return q4, squeeze, mats, check_shape(volume_shape, FDKBackprojectError)
 
 
 # ---------------------------------------------------------------------------------------- torch reference
@@ -184,115 +172,16 @@ def backproject_reference(q: torch.Tensor, mats: torch.Tensor, volume_shape: Seq
 
 # ---------------------------------------------------------------------------------------- Triton kernel
 
-try:
-    import triton
-    import triton.language as tl
-except Exception:  # pragma: no cover - triton is a dependency, but keep the reference usable without it
-    triton = None
-
-if triton is not None:
-    @triton.jit
-    def fdk_backproject_kernel(q_ptr, mat_ptr, out_ptr, V, ROWS, COLS, NX, NY, NZ,
-                               DIST_WEIGHT: tl.constexpr, DTYPE: tl.constexpr, INT64: tl.constexpr,
-                               BLOCK: tl.constexpr):
-        pid = tl.program_id(0)
-        b = tl.program_id(1)
-        offs = tl.arange(0, BLOCK)
-        if INT64:
-            flat = pid.to(tl.int64) * BLOCK + offs
-            bb = b.to(tl.int64)
-            # (sizes equal to 1 arrive as Python constexprs under the JIT's specialisation: no .to())
-            nvox = (bb * 0 + NX) * NY * NZ
-            plane = (bb * 0 + ROWS) * COLS
-        else:
-            flat = pid * BLOCK + offs
-            nvox = NX * NY * NZ
-            plane = ROWS * COLS
-            bb = b
-        vmask = flat < nvox
-        kk = flat % NZ
-        ij = flat // NZ
-        jj = ij % NY
-        ii = ij // NY
-        fi = ii.to(DTYPE)
-        fj = jj.to(DTYPE)
-        fk = kk.to(DTYPE)
-        fcols = tl.zeros([BLOCK], DTYPE) + COLS
-        frows = tl.zeros([BLOCK], DTYPE) + ROWS
-        acc = tl.zeros([BLOCK], dtype=DTYPE)
-        qb = q_ptr + bb * V * plane
-        for v in range(0, V):
-            mp = mat_ptr + v * 12
-            w = tl.load(mp + 8).to(DTYPE) * fi + tl.load(mp + 9).to(DTYPE) * fj \
-                + tl.load(mp + 10).to(DTYPE) * fk + tl.load(mp + 11).to(DTYPE)
-            cn = tl.load(mp + 0).to(DTYPE) * fi + tl.load(mp + 1).to(DTYPE) * fj \
-                + tl.load(mp + 2).to(DTYPE) * fk + tl.load(mp + 3).to(DTYPE)
-            rn = tl.load(mp + 4).to(DTYPE) * fi + tl.load(mp + 5).to(DTYPE) * fj \
-                + tl.load(mp + 6).to(DTYPE) * fk + tl.load(mp + 7).to(DTYPE)
-            ok = w > 0
-            winv = tl.where(ok, 1.0 / tl.where(ok, w, 1.0), 0.0)
-            c = tl.minimum(tl.maximum(cn * winv, -2.0), fcols + 1.0)
-            r = tl.minimum(tl.maximum(rn * winv, -2.0), frows + 1.0)
-            c0 = tl.floor(c)
-            r0 = tl.floor(r)
-            fc = c - c0
-            fr = r - r0
-            ic = c0.to(tl.int32)
-            ir = r0.to(tl.int32)
-            okc0 = (ic >= 0) & (ic < COLS)
-            okc1 = (ic + 1 >= 0) & (ic + 1 < COLS)
-            okr0 = vmask & (ir >= 0) & (ir < ROWS)
-            okr1 = vmask & (ir + 1 >= 0) & (ir + 1 < ROWS)
-            if INT64:
-                base = qb + v * plane + ir.to(tl.int64) * COLS + ic      # plane is int64 here
-            else:
-                base = qb + v * plane + ir * COLS + ic
-            q00 = tl.load(base, mask=okr0 & okc0, other=0.0).to(DTYPE)
-            q01 = tl.load(base + 1, mask=okr0 & okc1, other=0.0).to(DTYPE)
-            q10 = tl.load(base + COLS, mask=okr1 & okc0, other=0.0).to(DTYPE)
-            q11 = tl.load(base + COLS + 1, mask=okr1 & okc1, other=0.0).to(DTYPE)
-            val = (1.0 - fr) * ((1.0 - fc) * q00 + fc * q01) + fr * ((1.0 - fc) * q10 + fc * q11)
-            if DIST_WEIGHT:
-                acc += val * (winv * winv)
-            else:
-                acc += tl.where(ok, val, 0.0)
-        tl.store(out_ptr + bb * nvox + flat, acc, mask=vmask)
-
-    def _aot_specs():
-        specs = []
-        for (pt, dt) in (("*fp32", tl.float32), ("*fp64", tl.float64)):
-            for dw in (True, False):
-                for i64 in (False, True):
-                    specs.append(dict(
-                        name=f"fdk_backproject dist_weight={dw} dtype={pt[1:]} int64={i64}",
-                        fn=fdk_backproject_kernel,
-                        signature={"q_ptr": pt, "mat_ptr": pt, "out_ptr": pt, "V": "i32", "ROWS": "i32",
-                                   "COLS": "i32", "NX": "i32", "NY": "i32", "NZ": "i32"},
-                        constexprs=dict(DIST_WEIGHT=dw, DTYPE=dt, INT64=i64, BLOCK=BLOCK),
-                        num_warps=NUM_WARPS))
-        return specs
-
-    #: Variants compiled ahead of time by ``python -m xwin.kernels.aot`` (see kernels/aot.py).
-    AOT_SPECS = _aot_specs()
-else:  # pragma: no cover
-    AOT_SPECS = []
-
-
-def _triton_runs_on(device: torch.device) -> bool:
-    if triton is None:
-        return False
-    if device.type == "cuda":
-        return True
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
 def backproject_triton(q: torch.Tensor, mats: torch.Tensor, volume_shape: Sequence[int], *,
                        distance_weight: bool = True) -> torch.Tensor:
     """The Triton kernel (CUDA tensors, or any tensor under ``TRITON_INTERPRET=1``) with the same contract."""
     q4, squeeze, mats, (X, Y, Z) = _check(q, mats, volume_shape)
-    if not _triton_runs_on(q4.device):
-        raise FDKBackprojectError(f"the Triton kernel needs a CUDA tensor (or TRITON_INTERPRET=1 set before "
-                                  f"importing triton); projections are on {q4.device}")
+    resolve_backend("triton", q4.device, FDKBackprojectError)
+    import triton
+    import triton.language as tl
+
+    from .fdk import BLOCK, NUM_WARPS, fdk_backproject_kernel
+
     B, V, R, C = q4.shape
     if B > 65535:
         raise FDKBackprojectError(f"at most 65535 volumes per launch, got B={B}")
@@ -312,15 +201,12 @@ def backproject_triton(q: torch.Tensor, mats: torch.Tensor, volume_shape: Sequen
 def fdk_backproject(q: torch.Tensor, mats: torch.Tensor, volume_shape: Sequence[int], *,
                     distance_weight: bool = True, backend: str = "auto", progress=None) -> torch.Tensor:
     """Weighted voxel-driven backprojection; ``backend`` "auto" (Triton for CUDA tensors, else torch),
-    "triton" or "torch". See the module docstring for the contract."""
-    if backend not in ("auto", "triton", "torch"):
-        raise FDKBackprojectError(f"backend must be 'auto', 'triton' or 'torch', got {backend!r}")
+    "triton" or "torch" (the one resolver of :mod:`xwin.kernels._backend`). See the module docstring."""
     dev = q.device if isinstance(q, torch.Tensor) else torch.device("cpu")
-    if backend == "auto":
-        backend = "triton" if dev.type == "cuda" and triton is not None else "torch"
-    if backend == "triton":
+    if resolve_backend(backend, dev, FDKBackprojectError) == "triton":
         out = backproject_triton(q, mats, volume_shape, distance_weight=distance_weight)
         if progress is not None:
             progress(q.shape[-3])
         return out
     return backproject_reference(q, mats, volume_shape, distance_weight=distance_weight, progress=progress)
+

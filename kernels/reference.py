@@ -17,41 +17,46 @@ the exact transpose of ``project`` by construction.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import Iterator, Tuple
 
 import torch
 
+from .layout import RAY_CENTER, RAY_FIRST, RAY_M, RAY_U, RAY_V
+
 __all__ = ["forward", "adjoint"]
 
 _SIDDON_CHUNK = 1 << 17          # rays per chunk for the voxel walk (memory O(rays))
 _TRILINEAR_BUDGET = 1 << 16      # samples × rays per inner block for trilinear (cache-sized: measured faster)
+#: a Siddon walk over fewer rays than this runs its per-step operations on one torch thread (see _walk_threads)
+_WALK_PARALLEL_MIN = 1 << 17
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def ray_chunks(params_b: torch.Tensor, kind: str, rows: int, cols: int, chunk: int):
-    """Yield (start, o, e, tlo, thi) for chunks of the V·rows·cols rays of one batch entry.
+class RayBlock:
+    """Rays ``start … stop−1`` of one batch entry: ``view`` (R,), pixel offsets ``r``, ``c`` from the detector
+    centre (R,), origin ``o`` and direction ``e`` per mm (R, 3), range ``tlo``, ``thi`` (R,); for cone beam
+    also ``d = P − S`` (R, 3), the world length ``length = |M d|`` and ``m`` (R, 9), M row-major."""
 
-    ``params_b``: (V, 24) on the compute device/dtype. ``o``, ``e``: (R, 3); ``tlo``, ``thi``: (R,).
-    """
-    V = params_b.shape[0]
-    n = V * rows * cols
-    dev, dt = params_b.device, params_b.dtype
-    for start in range(0, n, chunk):
-        idx = torch.arange(start, min(n, start + chunk), device=dev)
-        view = idx // (rows * cols)
+    def __init__(self, params_b: torch.Tensor, kind: str, rows: int, cols: int, start: int, stop: int):
+        dev, dt = params_b.device, params_b.dtype
+        idx = torch.arange(start, stop, device=dev)
+        self.view = idx // (rows * cols)
         pix = idx % (rows * cols)
-        r = (pix // cols).to(dt) - (rows - 1) / 2
-        c = (pix % cols).to(dt) - (cols - 1) / 2
-        p = params_b[view]
-        P = p[:, 3:6] + c[:, None] * p[:, 6:9] + r[:, None] * p[:, 9:12]
+        self.r = (pix // cols).to(dt) - (rows - 1) / 2
+        self.c = (pix % cols).to(dt) - (cols - 1) / 2
+        p = params_b[self.view]
+        r, c = self.r, self.c
+        P = (p[:, RAY_CENTER:RAY_CENTER + 3] + c[:, None] * p[:, RAY_U:RAY_U + 3]
+             + r[:, None] * p[:, RAY_V:RAY_V + 3])
         if kind == "cone":
-            S = p[:, 0:3]
+            S = p[:, RAY_FIRST:RAY_FIRST + 3]
             d = P - S
-            m = p[:, 12:21]
+            m = p[:, RAY_M:RAY_M + 9]
             dx, dy, dz = d.unbind(1)
             # world length |M d|, evaluated in the same operation order as the Triton kernels so that both
             # round alike in float32 (nearly axis-parallel rays amplify last-bit differences)
@@ -59,12 +64,30 @@ def ray_chunks(params_b: torch.Tensor, kind: str, rows: int, cols: int, chunk: i
             wy = m[:, 3] * dx + m[:, 4] * dy + m[:, 5] * dz
             wz = m[:, 6] * dx + m[:, 7] * dy + m[:, 8] * dz
             length = torch.sqrt(wx * wx + wy * wy + wz * wz)
-            e = d / length[:, None]
-            yield start, S, e, torch.zeros_like(length), length
+            self.d, self.m, self.length = d, m, length
+            self.o, self.e = S, d / length[:, None]
+            self.tlo, self.thi = torch.zeros_like(length), length
         else:
-            e = p[:, 0:3]
+            self.o, self.e = P, p[:, RAY_FIRST:RAY_FIRST + 3]
             inf = torch.full((P.shape[0],), math.inf, device=dev, dtype=dt)
-            yield start, P, e, -inf, inf
+            self.tlo, self.thi = -inf, inf
+
+
+def ray_blocks(params_b: torch.Tensor, kind: str, rows: int, cols: int, chunk: int) -> Iterator[Tuple[int, RayBlock]]:
+    """Yield (start, RayBlock) for chunks of the V·rows·cols rays of one batch entry (``params_b``: (V, 24)
+    on the compute device/dtype)."""
+    n = params_b.shape[0] * rows * cols
+    for start in range(0, n, chunk):
+        yield start, RayBlock(params_b, kind, rows, cols, start, min(n, start + chunk))
+
+
+def ray_chunks(params_b: torch.Tensor, kind: str, rows: int, cols: int, chunk: int):
+    """Yield (start, o, e, tlo, thi) for chunks of the V·rows·cols rays of one batch entry.
+
+    ``params_b``: (V, 24) on the compute device/dtype. ``o``, ``e``: (R, 3); ``tlo``, ``thi``: (R,).
+    """
+    for start, rb in ray_blocks(params_b, kind, rows, cols, chunk):
+        yield start, rb.o, rb.e, rb.tlo, rb.thi
 
 
 def clip(o, e, lo, hi, tlo, thi, upper_open: bool):
@@ -85,7 +108,7 @@ def clip(o, e, lo, hi, tlo, thi, upper_open: bool):
     return t0, t1
 
 
-def siddon_walk(o, e, tlo, thi, shape) -> Iterator[Tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+def siddon_walk(o, e, tlo, thi, shape, detail: bool = False) -> Iterator[tuple]:
     """Yield (ray ids, flat voxel index, segment length mm) for every step of every ray's voxel walk.
 
     Zero-length or out-of-volume steps carry weight 0 (and a valid index). The ``ids`` tensor is the same
@@ -102,6 +125,11 @@ def siddon_walk(o, e, tlo, thi, shape) -> Iterator[Tuple[torch.Tensor, torch.Ten
     time ``finfo.max`` instead of +inf (so ``x·0`` stays 0; it never wins against the finite ``L``), and
     the flat voxel index is carried in float64 (exact to 2^53) and advanced by ``s × stride`` of the axis
     stepped on.
+
+    ``detail=True`` (the geometry-gradient pass) yields instead ``(ids, flat, ok, t, tcross, L, mx, my, mz)``
+    per step: the voxel's in-volume flag (0/1), the step's start ``t`` and the crossing time ``tcross`` that
+    ends it (both relative to the entry point), the ray's length ``L`` in the box, and the 0/1 masks of the
+    axis crossed there. The yielded buffers are reused: consume them before the next step.
     """
     dev, dt = o.device, o.dtype
     N = torch.tensor(shape, device=dev, dtype=dt)
@@ -117,9 +145,8 @@ def siddon_walk(o, e, tlo, thi, shape) -> Iterator[Tuple[torch.Tensor, torch.Ten
     i = torch.where(e < 0, torch.ceil(q) - 1, torch.floor(q))
     i = torch.minimum(torch.maximum(i, torch.zeros_like(i)), N - 1)
     big = torch.finfo(dt).max
-    # axes with e = 0 are never crossed. So are axes with |e| < 1e-30: the kernels' crossing time there is
-    # at least |c − p| / |e| (astronomically beyond any ray length, or inf), and keeping it finite here
-    # keeps (c − p)·inv from overflowing
+    # axes with e = 0 are never crossed. So are axes with |e| ≤ 1e-30, here and in the kernels (there 1/e
+    # overflows float32 for denormal components, and (c − p)·inf is NaN for a ray starting on a face)
     nz = e.abs() > 1e-30
     inv = torch.where(nz, 1.0 / torch.where(nz, e, torch.ones_like(e)), torch.zeros_like(e))
     b = torch.where(nz, torch.zeros_like(e), torch.full_like(e, big))
@@ -150,11 +177,14 @@ def siddon_walk(o, e, tlo, thi, shape) -> Iterator[Tuple[torch.Tensor, torch.Ten
         tmin = torch.minimum(tmin3, L)
         seg = torch.sub(tmin, t).clamp_(min=0.0)
         w = seg.mul_(torch.lt(torch.maximum(torch.maximum(ux, uy), uz), 0.0, out=okf))
-        yield ids, flat.clamp(0.0, nvox_1).long(), w
         # the axis stepped on: the first one whose crossing is the minimum
         torch.eq(tx, tmin3, out=mx)
         torch.eq(ty, tmin3, out=my).mul_(torch.rsub(mx, 1.0))
         torch.neg(mx, out=mz).add_(1.0).sub_(my)
+        if detail:
+            yield ids, flat.clamp(0.0, nvox_1).long(), okf, t, tmin3, L, mx, my, mz
+        else:
+            yield ids, flat.clamp(0.0, nvox_1).long(), w
         for m, cc, ss, pp, vv, bb, tt, uu in ((mx, cx, sx, px, vx, bx, tx, ux), (my, cy, sy, py, vy, by, ty, uy),
                                               (mz, cz, sz, pz, vz, bz, tz, uz)):
             cc.addcmul_(m, ss)
@@ -235,6 +265,28 @@ def trilinear_samples(o, e, tlo, thi, shape, dt: float):
         yield ids, flat, out_w, offsets
 
 
+@contextlib.contextmanager
+def _walk_threads(method: str, rays: int, device: torch.device):
+    """One intra-op thread for the Siddon walk of fewer than ``_WALK_PARALLEL_MIN`` rays on the CPU.
+
+    The walk issues ~30 element-wise operations per voxel step (thousands per projection), each over the
+    live rays only. With several threads every one of them ends in a thread barrier; on a shared machine a
+    barrier waits for a descheduled worker, and the projection collapsed from 0.4 s to 15 s (BENCHMARKS.md,
+    "Threads"). Below ~10^5 rays per step a second thread gained nothing even on an idle machine (0.36 s on
+    1 thread against 0.39 s on 2 at 200², same table), so there the walk runs on one thread, restoring
+    torch's setting afterwards; larger walks (512² and up) keep torch's threads.
+    """
+    old = torch.get_num_threads()
+    if device.type != "cpu" or method != "siddon" or rays >= _WALK_PARALLEL_MIN or old <= 1:
+        yield
+        return
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
+
+
 def _setup(params, kind, rows, cols, vol_dtype, device):
     cdt = _compute_dtype(vol_dtype)
     return params.to(device=device, dtype=cdt), cdt
@@ -247,6 +299,13 @@ def forward(volume: torch.Tensor, params: torch.Tensor, kind: str, rows: int, co
     V = params.shape[1]
     prm, cdt = _setup(params, kind, rows, cols, volume.dtype, volume.device)
     out = torch.zeros(B, V * rows * cols, device=volume.device, dtype=cdt)
+    with _walk_threads(method, min(V * rows * cols, _SIDDON_CHUNK), volume.device):
+        _forward_into(out, volume, prm, kind, rows, cols, method, dt_mm, cdt)
+    return out.reshape(B, V, rows, cols)
+
+
+def _forward_into(out, volume, prm, kind, rows, cols, method, dt_mm, cdt):
+    B, X, Y, Z = volume.shape
     for b in range(B):
         # Siddon reads the flat volume; trilinear a zero-bordered copy (see trilinear_samples)
         vol_b = volume[b].to(cdt)
@@ -272,7 +331,6 @@ def forward(volume: torch.Tensor, params: torch.Tensor, kind: str, rows: int, co
                     val = sum(flatvol[off:].take(flat) * wc for off, wc in zip(offs, w))
                     part.index_add_(0, ids, val.sum(1))
             acc[start:start + o.shape[0]] = part
-    return out.reshape(B, V, rows, cols)
 
 
 def adjoint(proj: torch.Tensor, params: torch.Tensor, kind: str, shape, method: str,
@@ -283,10 +341,17 @@ def adjoint(proj: torch.Tensor, params: torch.Tensor, kind: str, shape, method: 
     prm, cdt = _setup(params, kind, rows, cols, out_dtype, proj.device)
     out = torch.zeros(B, X * Y * Z, device=proj.device, dtype=cdt)
     pf = proj.reshape(B, -1).to(cdt)
-    for b in range(B):
+    with _walk_threads(method, min(V * rows * cols, _SIDDON_CHUNK), proj.device):
+        _adjoint_into(out, pf, prm, kind, rows, cols, (X, Y, Z), method, dt_mm)
+    return out.reshape(B, X, Y, Z).to(out_dtype)
+
+
+def _adjoint_into(out, pf, prm, kind, rows, cols, shape, method, dt_mm):
+    X, Y, Z = shape
+    for b in range(pf.shape[0]):
         acc = out[b]
         if method != "siddon":          # trilinear scatters into a zero-bordered buffer, then crops it
-            accp = torch.zeros((X + 2) * (Y + 2) * (Z + 2), device=proj.device, dtype=cdt)
+            accp = out.new_zeros((X + 2) * (Y + 2) * (Z + 2))
         for start, o, e, tlo, thi in ray_chunks(prm[b], kind, rows, cols, _SIDDON_CHUNK):
             y = pf[b, start:start + o.shape[0]]
             if method == "siddon":
@@ -303,4 +368,3 @@ def adjoint(proj: torch.Tensor, params: torch.Tensor, kind: str, shape, method: 
                         accp[off:].index_add_(0, fl, (wc * yi).reshape(-1))
         if method != "siddon":
             acc.copy_(accp.reshape(X + 2, Y + 2, Z + 2)[1:-1, 1:-1, 1:-1].reshape(-1))
-    return out.reshape(B, X, Y, Z).to(out_dtype)

@@ -10,7 +10,7 @@ nearest plane crossing. Forward accumulates ``segment × voxel`` in registers; t
 import triton
 import triton.language as tl
 
-from ._triton_common import INF, clip_box, flat_offsets, pixel_tile, ray_setup, voxel_offset
+from ._triton_common import projector_aot_specs, INF, clip_box, flat_offsets, pixel_tile, ray_setup, voxel_offset
 
 
 @triton.jit
@@ -55,9 +55,11 @@ def siddon_kernel(vol_ptr, params_ptr, proj_ptr, V, ROWS, COLS, NX, NY, NZ,
     nsteps = (tl.abs(jx - ix) + tl.abs(jy - iy) + tl.abs(jz - iz)).to(tl.int32) + 3
     nsteps = tl.where(hit, nsteps, 0)
     nmax = tl.max(nsteps, axis=0)
-    nzx = ex != 0
-    nzy = ey != 0
-    nzz = ez != 0
+    # axes with |e| ≤ 1e-30 are never crossed (as in the reference): 1/e would overflow float32 for
+    # denormal components, and a crossing time (c − p)·inf is NaN for a ray starting on a face
+    nzx = tl.abs(ex) > 1e-30
+    nzy = tl.abs(ey) > 1e-30
+    nzz = tl.abs(ez) > 1e-30
     vx = tl.where(nzx, 1.0 / tl.where(nzx, ex, 1.0), 0.0)
     vy = tl.where(nzy, 1.0 / tl.where(nzy, ey, 1.0), 0.0)
     vz = tl.where(nzz, 1.0 / tl.where(nzz, ez, 1.0), 0.0)
@@ -97,3 +99,8 @@ def siddon_kernel(vol_ptr, params_ptr, proj_ptr, V, ROWS, COLS, NX, NY, NZ,
         active = active & (t < L)
     if not ADJOINT:
         tl.store(proj_ptr + pix, acc, mask=pmask)
+
+
+def aot_specs():
+    """Variants compiled ahead of time by ``python -m xwin.kernels.aot`` (see kernels/aot.py)."""
+    return projector_aot_specs("siddon", siddon_kernel, ())

@@ -9,7 +9,7 @@ clips its ray to the support (−1, N) of the zero-padded trilinear interpolant 
 import triton
 import triton.language as tl
 
-from ._triton_common import clip_box, flat_offsets, pixel_tile, ray_setup, voxel_offset
+from ._triton_common import projector_aot_specs, clip_box, flat_offsets, pixel_tile, ray_setup, voxel_offset
 
 
 @triton.jit
@@ -106,3 +106,8 @@ def trilinear_kernel(vol_ptr, params_ptr, proj_ptr, dt_ptr, V, ROWS, COLS, NX, N
                       ADJOINT, INT64, DTYPE)
     if not ADJOINT:
         tl.store(proj_ptr + pix, acc * dt, mask=pmask)
+
+
+def aot_specs():
+    """Variants compiled ahead of time by ``python -m xwin.kernels.aot`` (see kernels/aot.py)."""
+    return projector_aot_specs("trilinear", trilinear_kernel, ("dt_ptr",))

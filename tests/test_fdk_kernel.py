@@ -1,11 +1,7 @@
 """The FDK voxel-driven backprojection: torch reference vs an independent numpy oracle, Triton (interpreter
-without a GPU) vs the reference, and an ahead-of-time compile for sm_80 / sm_90."""
+without a GPU) vs the reference (its ahead-of-time compile: tests/test_aot.py)."""
 
-import json
 import math
-import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -15,12 +11,12 @@ from hypothesis import strategies as st
 
 from _helpers import rel_err, scenes
 from xwin.geometry import Geometry, circular_orbit
-from xwin.kernels import fdk_backproject as fb
+from xwin.kernels import triton_available
 from xwin.kernels.fdk_backproject import (FDKBackprojectError, backproject_reference, backproject_triton,
                                           fdk_backproject, view_matrices)
 
 DEV = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-TRITON_OK = fb._triton_runs_on(DEV)
+TRITON_OK = triton_available(DEV)
 needs_triton = pytest.mark.skipif(not TRITON_OK, reason="Triton cannot run here (no CUDA, no interpreter)")
 
 OBLIQUE = np.array([[1.5, 0.2, 0.0, -7.0], [0.0, 1.2, 0.1, 5.0], [0.1, 0.0, 2.0, -9.0], [0, 0, 0, 1.0]])
@@ -185,9 +181,13 @@ def test_triton_writes_every_voxel_once(int64):
     shape = (5, 7, 9)
     out = torch.full(shape, float("nan"), device=DEV)
     nvox = int(np.prod(shape))
-    fb.fdk_backproject_kernel[(math.ceil(nvox / fb.BLOCK), 1)](
-        q, M, out, 4, geom.rows, geom.cols, *shape, DIST_WEIGHT=True, DTYPE=fb.tl.float32, INT64=int64,
-        BLOCK=fb.BLOCK)
+    import triton.language as tl
+
+    from xwin.kernels import fdk
+
+    fdk.fdk_backproject_kernel[(math.ceil(nvox / fdk.BLOCK), 1)](
+        q, M, out, 4, geom.rows, geom.cols, *shape, DIST_WEIGHT=True, DTYPE=tl.float32, INT64=int64,
+        BLOCK=fdk.BLOCK)
     assert torch.isfinite(out).all()
     ref = backproject_reference(q.cpu().double(), view_matrices(geom, OBLIQUE), shape)
     assert rel_err(out.cpu(), ref) <= 2e-5
@@ -200,31 +200,7 @@ def test_auto_backend_on_cpu_is_the_reference():
     assert torch.equal(fdk_backproject(q, M, (3, 4, 5)), backproject_reference(q, M, (3, 4, 5)))
 
 
-# ---------------------------------------------------------------------------------------- AOT compile
-
-def test_kernel_compiles_ahead_of_time_for_sm80_and_sm90():
-    pytest.importorskip("triton")
-    code = (
-        "import json\n"
-        "from xwin.kernels import fdk_backproject as f\n"
-        "from xwin.kernels.aot import compile_spec, resource_usage\n"
-        "rep = []\n"
-        "for s in f.AOT_SPECS:\n"
-        "    for cc in (80, 90):\n"
-        "        k = compile_spec(s, cc)\n"
-        "        rep.append(dict(name=s['name'], cc=cc, cubin=len(k.asm.get('cubin', b'')),\n"
-        "                        ptx='ld.global' in k.asm.get('ptx', ''), res=resource_usage(k.asm['cubin'])))\n"
-        "print(json.dumps(rep))\n")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
-    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=600)
-    assert res.returncode == 0, res.stderr[-4000:]
-    rep = json.loads(res.stdout.strip().splitlines()[-1])
-    assert len(rep) == 2 * len(fb.AOT_SPECS) == 16
-    assert {e["cc"] for e in rep} == {80, 90}
-    assert all(e["cubin"] > 0 and e["ptx"] for e in rep)
-    spills = [e for e in rep if e["res"] and "LOCAL:0" not in e["res"]]
-    assert not spills, spills
+# (ahead-of-time compilation of the kernel for sm_80 / sm_90: tests/test_aot.py, with every other kernel)
 
 
 @pytest.mark.gpu
