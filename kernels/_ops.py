@@ -12,7 +12,7 @@ respect to the ray record ``params`` (and through it the geometry and the affine
 pass of :mod:`xwin.kernels.geomgrad`.
 
 Arguments shared by both: ``params`` (B or 1, V, 24) float64 ray records (:mod:`xwin.kernels.layout`),
-``dt_mm`` (B or 1,) float64 trilinear steps in mm, ``cone``, ``method``, ``backend`` ("torch" or
+``dt_mm`` (B or 1,) float64 trilinear steps in mm (both may require grad), ``cone``, ``method``, ``backend`` ("torch" or
 "triton", already resolved) and ``check_finite`` (raise ProjectorInputError on NaN/Inf input, one
 ``isfinite`` reduction done inside the operator so it also runs under ``torch.compile``).
 """
@@ -83,23 +83,24 @@ backproject_op = torch.ops.xwin.backproject.default
 def _project_setup(ctx, inputs, output):
     volume, params, dt_mm, cone, rows, cols, method, backend, _ = inputs
     ctx.meta = (cone, tuple(volume.shape[1:]), method, backend, volume.dtype)
-    ctx.params_grad = params.requires_grad
-    ctx.save_for_backward(params, dt_mm, volume if params.requires_grad else None)
+    geo = params.requires_grad or dt_mm.requires_grad
+    ctx.save_for_backward(params, dt_mm, volume if geo else None)
 
 
 def _project_backward(ctx, grad):
     params, dt_mm, volume = ctx.saved_tensors
     cone, (X, Y, Z), method, backend, vdt = ctx.meta
     grad = grad.contiguous()
-    gvol = gparams = None
+    gvol = gparams = gdt = None
     if ctx.needs_input_grad[0]:
         gvol = backproject_op(grad, params, dt_mm, cone, X, Y, Z, method, backend, vdt, False)
-    if ctx.needs_input_grad[1]:
-        from .geomgrad import params_grad_op
-        gparams = params_grad_op(volume, grad, params, dt_mm, cone, method, backend)
+    if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
+        from .geomgrad import geometry_grad_op
+        gparams, gdt = geometry_grad_op(volume, grad, params, dt_mm, cone, method)
         if gparams.shape[0] != params.shape[0]:          # one record broadcast over the batch
-            gparams = gparams.sum(0, keepdim=True)
-    return gvol, gparams, None, None, None, None, None, None, None
+            gparams, gdt = gparams.sum(0, keepdim=True), gdt.sum(0, keepdim=True)
+        gparams, gdt = gparams.to(params.dtype), gdt.to(dt_mm.dtype)
+    return gvol, gparams, gdt, None, None, None, None, None, None
 
 
 def _backproject_setup(ctx, inputs, output):
@@ -114,7 +115,7 @@ def _backproject_backward(ctx, grad):
     gproj = None
     if ctx.needs_input_grad[0]:
         gproj = project_op(grad.contiguous(), params, dt_mm, cone, rows, cols, method, backend, False).to(pdt)
-    if ctx.needs_input_grad[1]:
+    if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
         raise NotImplementedError("the gradient of backproject with respect to the geometry is not implemented")
     return gproj, None, None, None, None, None, None, None, None, None, None
 

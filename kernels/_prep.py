@@ -154,8 +154,8 @@ def affine_batch(affine, batch: Optional[int] = None) -> torch.Tensor:
 
 
 def min_spacing(affine_b: torch.Tensor) -> torch.Tensor:
-    """Smallest voxel spacing (mm) per batch entry, (B,) float64 (no gradient: it only sets the step)."""
-    return affine_b.detach()[:, :3, :3].norm(dim=1).amin(dim=1)
+    """Smallest voxel spacing (mm) per batch entry, (B,) float64 (differentiable: it sets the trilinear step)."""
+    return affine_b[:, :3, :3].norm(dim=1).amin(dim=1)
 
 
 def ray_params(geometry: Geometry, affine_b: torch.Tensor) -> torch.Tensor:

@@ -3,6 +3,7 @@
 import math
 
 import numpy as np
+import pytest
 import torch
 
 from xwin.geometry import Geometry, circular_orbit, euler_zxy, xwin_pose
@@ -94,3 +95,31 @@ def test_geometry_to_and_select():
     assert g.to("cpu").center.dtype == torch.float64
     d = g.as_dict()
     assert d["kind"] == "cone" and len(d["source"]) == 4
+
+
+def test_geometry_json_round_trip_and_errors(tmp_path):
+    import json
+
+    from xwin.geometry import GeometryError
+
+    for g in (circular_orbit([0.1, 0.7], rows=3, cols=4, pixel_size=1.3, sid=50, sdd=80),
+              circular_orbit([0.1], rows=2, cols=5, kind="parallel")):
+        text = g.to_json()
+        d = json.loads(text)
+        assert d["type"] == g.kind and d["rows"] == g.rows and len(d["center"]) == g.num_views
+        for back in (Geometry.from_json(text), Geometry.from_json({"geometry": d, "loss": [1.0]})):
+            assert back.kind == g.kind and (back.rows, back.cols) == (g.rows, g.cols)
+            torch.testing.assert_close(back.center, g.center, rtol=0, atol=0)
+            torch.testing.assert_close(back.pixel_positions(), g.pixel_positions(), rtol=0, atol=0)
+        path = tmp_path / "g.json"
+        path.write_text(text)
+        assert Geometry.from_json(path).kind == g.kind and Geometry.from_json(str(path)).num_views == g.num_views
+    with pytest.raises(GeometryError, match="lacks"):
+        Geometry.from_json({"type": "cone", "rows": 2, "cols": 3})
+    with pytest.raises(GeometryError, match="type"):
+        Geometry.from_json('{"type": "fan"}')
+    with pytest.raises(GeometryError, match="cannot read"):
+        Geometry.from_json(tmp_path / "missing.json")
+    with pytest.raises(GeometryError, match="3"):
+        Geometry.from_json({"type": "cone", "rows": 2, "cols": 3, "source": [[0, 0]], "center": [[0, 0, 1]],
+                            "u": [[1, 0, 0]], "v": [[0, 1, 0]]})

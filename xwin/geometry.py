@@ -15,7 +15,10 @@ Nothing below the builders (``circular_orbit``, ``xwin_pose``) knows about angle
 
 from __future__ import annotations
 
+import json
+import os
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Optional, Sequence, Union
 
 import torch
@@ -31,9 +34,8 @@ class GeometryError(XwinError):
 
 
 def _as_vectors(x: TensorLike, name: str, n: Optional[int] = None) -> torch.Tensor:
-    t = torch.as_tensor(x, dtype=torch.float64) if not isinstance(x, torch.Tensor) else x.detach()
-    if t.dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
-        t = t.to(torch.float64)
+    # a tensor keeps its autograd history: geometries built from poses that require grad are differentiable
+    t = torch.as_tensor(x, dtype=torch.float64) if not isinstance(x, torch.Tensor) else x
     t = t.to(torch.float64)
     if t.ndim == 1:
         if t.shape[0] != 3:
@@ -50,7 +52,9 @@ def _as_vectors(x: TensorLike, name: str, n: Optional[int] = None) -> torch.Tens
 class Geometry:
     """Per-view vector geometry. Build it with :meth:`cone`, :meth:`parallel` or a builder.
 
-    All vectors are stored as float64 ``(V, 3)`` tensors on one device; ``.to(device)`` moves them.
+    All vectors are stored as float64 ``(V, 3)`` tensors on one device; ``.to(device)`` moves them. Tensors
+    passed in keep their autograd history (a geometry built from a pose that requires grad is
+    differentiable: :func:`xwin.kernels.project` back-propagates to its vectors).
     """
 
     kind: str
@@ -177,6 +181,63 @@ class Geometry:
         if self.direction is not None:
             d["direction"] = self.direction.cpu().tolist()
         return d
+
+    @property
+    def requires_grad(self) -> bool:
+        return any(t is not None and t.requires_grad for t in (self.source, self.direction, self.center, self.u, self.v))
+
+    def detach(self) -> "Geometry":
+        """The same geometry without autograd history."""
+        dt = lambda t: None if t is None else t.detach()
+        return Geometry(self.kind, dt(self.center), dt(self.u), dt(self.v), self.rows, self.cols, dt(self.source),
+                        dt(self.direction))
+
+    def to_json(self) -> str:
+        """The geometry as JSON text in xwin's schema (DESIGN.md): ``{"type": "cone"|"parallel", "rows", "cols",
+        "source"|"direction", "center", "u", "v"}``, one 3-vector per view, world mm."""
+        first = "source" if self.kind == "cone" else "direction"
+        vec = lambda t: t.detach().cpu().tolist()
+        d = {"type": self.kind, "rows": self.rows, "cols": self.cols,
+             first: vec(self.source if self.kind == "cone" else self.direction),
+             "center": vec(self.center), "u": vec(self.u), "v": vec(self.v)}
+        return json.dumps(d)
+
+    @classmethod
+    def from_json(cls, obj: Union[str, dict, "os.PathLike"]) -> "Geometry":
+        """A geometry from JSON text, a parsed dict or a path to a JSON file, in the schema of :meth:`to_json`
+        (also under a ``"geometry"`` key, as results files hold it; ``"kind"`` is accepted for ``"type"``)."""
+        if isinstance(obj, os.PathLike) or (isinstance(obj, str) and not obj.lstrip().startswith("{")):
+            try:
+                obj = Path(obj).read_text()
+            except OSError as exc:
+                raise GeometryError(f"cannot read geometry JSON {str(obj)!r}: {exc.strerror or exc}") from None
+        if isinstance(obj, str):
+            try:
+                obj = json.loads(obj)
+            except json.JSONDecodeError as exc:
+                raise GeometryError(f"geometry JSON is not valid JSON: {exc}") from None
+        d = obj
+        if isinstance(d, dict) and isinstance(d.get("geometry"), dict):
+            d = d["geometry"]
+        if not isinstance(d, dict):
+            raise GeometryError("geometry JSON must be an object")
+        kind = d.get("type", d.get("kind"))
+        if kind not in ("cone", "parallel"):
+            raise GeometryError(f'geometry JSON: "type" must be "cone" or "parallel", got {kind!r}')
+        first = "source" if kind == "cone" else "direction"
+        missing = [k for k in ("rows", "cols", first, "center", "u", "v") if k not in d]
+        if missing:
+            raise GeometryError(f"geometry JSON ({kind}) lacks {', '.join(missing)}")
+        try:
+            rows, cols = int(d["rows"]), int(d["cols"])
+        except (TypeError, ValueError):
+            raise GeometryError(f"geometry JSON: rows/cols must be integers, got {d['rows']!r}, {d['cols']!r}") from None
+        try:
+            return cls._build(kind, d[first], d["center"], d["u"], d["v"], rows, cols)
+        except (TypeError, ValueError) as exc:
+            if isinstance(exc, GeometryError):
+                raise
+            raise GeometryError(f"geometry JSON: vectors must be lists of 3 numbers per view ({exc})") from None
 
     def __repr__(self) -> str:
         return f"Geometry(kind={self.kind!r}, views={self.num_views}, rows={self.rows}, cols={self.cols})"

@@ -1,0 +1,258 @@
+"""Gradients of ``project`` with respect to the ray records (hence the geometry and the affine): a dedicated
+per-ray analytic backward pass of the torch reference (any device; the Triton backend uses it too).
+
+For one ray with origin ``o`` and direction ``e`` (per mm) in index space, the pass accumulates, weighted
+by the incoming gradient ``w`` of that ray, the derivatives ``g_o = w ∂p/∂o``, ``g_e = w ∂p/∂e`` and, for
+cone beam, ``g_L = w ∂p/∂L`` (``L`` = the world length source→pixel, the end of the ray); it stores
+nothing per voxel crossing. They are then mapped onto the 24-number record (:mod:`xwin.kernels.layout`):
+
+* parallel beam: ``o = P = C + c·U + r·V`` and ``e = E``;
+* cone beam: ``o = S``, ``d = P − S``, ``L = |M d|``, ``e = d / L``, so
+  ``g_d = g_e / L − (Mᵀ M d)(d·g_e) / L³ + g_L Mᵀ M d / L``, ``g_M = (g_L / L − (d·g_e) / L³)(M d) dᵀ``,
+  ``g_S = g_o − g_d``, ``g_P = g_d``.
+
+**Siddon** (``p = Σ_j f_j · (t_{j+1} − t_j)``, ``f`` piecewise constant): the exact derivative wherever it
+exists. Moving the ray moves its voxel-face crossings ``t_c = (c − o_a)/e_a`` (``∂t_c/∂o_a = −1/e_a``,
+``∂t_c/∂e_a = −t_c/e_a``), and each crossing contributes ``(f_before − f_after)·∂t_c``. The entry into
+and exit from the volume are crossings with the outside value 0; a cone-beam ray ending inside the volume
+contributes ``f_last`` to ``∂p/∂L``; a source inside the volume (``t = 0``) does not move. The derivative
+does not exist on a measure-zero set of geometries: a ray running exactly in a voxel face, or passing
+exactly through a voxel edge or corner (two or three crossings at one ``t``), or entering through an edge
+of the volume. There the pass returns the one-sided derivative of the walk's own ordering (ties go to the
+lowest axis first, as in the forward walk), which is one of the limits of the derivative from nearby
+geometries; finite differences across such a set see a kink.
+
+**Trilinear** (``p = dt · Σ_k f(o + t_k e)`` with ``t_k = t0 + (k + ½)·dt``, ``t0`` the entry into the
+support of the zero-padded interpolant): the derivative of the sampled sum itself, through the samples'
+positions, the entry point ``t0`` and the step ``dt`` (which depends on the affine's smallest spacing);
+``∇f`` is the gradient of the interpolant (it jumps where a sample crosses a voxel-centre plane, a
+measure-zero set). The number of samples is piecewise constant in the geometry and contributes nothing.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from . import reference as R
+from .layout import RAY_CENTER, RAY_FIRST, RAY_M, RAY_RECORD, RAY_U, RAY_V
+
+__all__ = ["params_grad_reference", "geometry_grad_op"]
+
+_GRAD_CHUNK = 1 << 16
+
+
+def _axis_terms(o, e, lo, hi, tlo, thi, upper_open):
+    """Entry/exit times and which constraint is active: (t0, t1, entry one-hot (R, 3), exit one-hot (R, 3),
+    exit-at-thi flag (R,)). A one-hot row is all zero where the range bound (tlo / thi) is the active one."""
+    nz = e != 0
+    safe = torch.where(nz, e, torch.ones_like(e))
+    ta = (lo - o) / safe
+    tb = (hi - o) / safe
+    inside = (o >= lo) & (o < hi) if upper_open else (o > lo) & (o < hi)
+    big = torch.full_like(o, float("inf"))
+    tmin = torch.where(nz, torch.minimum(ta, tb), torch.where(inside, -big, big))
+    tmax = torch.where(nz, torch.maximum(ta, tb), torch.where(inside, big, -big))
+    emax, eax = tmin.max(dim=1)
+    xmin, xax = tmax.min(dim=1)
+    t0 = torch.maximum(tlo, emax)
+    t1 = torch.minimum(thi, xmin)
+    onehot = lambda ax: torch.nn.functional.one_hot(ax, 3).to(o.dtype)
+    ent = onehot(eax) * (emax > tlo).to(o.dtype)[:, None]
+    ext = onehot(xax) * (xmin < thi).to(o.dtype)[:, None]
+    return t0, t1, ent, ext, (xmin >= thi).to(o.dtype)
+
+
+def _end_terms(f_end, onehot, t_end, e, sign):
+    """``sign · f_end · ∂t_end`` for a box face on the axis in ``onehot``: (g_o, g_e) contributions."""
+    inv = torch.where(onehot > 0, 1.0 / torch.where(e != 0, e, torch.ones_like(e)), torch.zeros_like(e))
+    go = -sign * f_end[:, None] * inv
+    return go, go * t_end[:, None]
+
+
+def _siddon_ray_grads(flatvol, rb, w, shape):
+    """(g_o, g_e, g_L) per ray of the block for the Siddon integral, weighted by ``w``."""
+    o, e, tlo, thi = rb.o, rb.e, rb.tlo, rb.thi
+    n = o.shape[0]
+    N = torch.tensor(shape, device=o.device, dtype=o.dtype)
+    t0, t1, ent, ext, at_thi = _axis_terms(o, e, -0.5, N - 0.5, tlo, thi, True)
+    first = torch.zeros_like(tlo)
+    last = torch.zeros_like(tlo)
+    # per live ray state, written back to the block arrays when the walk drops finished rays
+    st = {k: torch.zeros(n, device=o.device, dtype=o.dtype) for k in ("pv", "pok", "pcross", "ptc", "px", "py", "pz")}
+    acc = {k: torch.zeros(n, device=o.device, dtype=o.dtype) for k in ("gox", "goy", "goz", "gex", "gey", "gez")}
+    inv_all = torch.where(e.abs() > 1e-30, 1.0 / torch.where(e != 0, e, torch.ones_like(e)), torch.zeros_like(e))
+    last_ids, live, started = None, None, False
+    for ids, flat, ok, t, tc, L, mx, my, mz in R.siddon_walk(o, e, tlo, thi, shape, detail=True):
+        if ids is not last_ids:
+            if last_ids is not None:
+                for k in st:
+                    st[k][last_ids] = live[k]
+                for k in acc:
+                    acc[k][last_ids] = live[k]
+                last[last_ids] = live["last"]
+            last_ids = ids
+            live = {k: st[k][ids] for k in st}
+            live.update({k: acc[k][ids] for k in acc})
+            live["last"] = last[ids]
+            live["t0"] = t0[ids]
+            live["inv"] = [inv_all[ids, a] for a in range(3)]
+        val = flatvol.take(flat) * ok
+        if not started:
+            first[ids] = val
+            started = True
+        active = (t < L).to(val.dtype)
+        # the crossing that ended the previous step is interior when both voxels are inside the volume
+        jump = (live["pv"] - val) * live["pcross"] * live["pok"] * ok
+        tabs = live["ptc"] + live["t0"]
+        for a, (m, key) in enumerate(((live["px"], "x"), (live["py"], "y"), (live["pz"], "z"))):
+            gx = jump * m * live["inv"][a]
+            live["go" + key].sub_(gx)
+            live["ge" + key].sub_(gx * tabs)
+        live["last"] = torch.where((active * ok) > 0, val, live["last"])
+        live["pv"], live["pok"] = val, ok.clone()
+        live["pcross"] = active * (tc < L).to(val.dtype)
+        live["ptc"] = tc
+        live["px"], live["py"], live["pz"] = mx.clone(), my.clone(), mz.clone()
+    if last_ids is not None:
+        for k in acc:
+            acc[k][last_ids] = live[k]
+        last[last_ids] = live["last"]
+    hit = (t1 > t0).to(o.dtype)
+    go = torch.stack([acc["gox"], acc["goy"], acc["goz"]], 1)
+    ge = torch.stack([acc["gex"], acc["gey"], acc["gez"]], 1)
+    a_o, a_e = _end_terms(first * hit, ent, t0, e, -1.0)          # entry: −f_first · ∂t0
+    b_o, b_e = _end_terms(last * hit, ext, t1, e, 1.0)            # exit: +f_last · ∂t1
+    go = (go + a_o + b_o) * w[:, None]
+    ge = (ge + a_e + b_e) * w[:, None]
+    gL = last * hit * at_thi * w
+    return go, ge, gL, None
+
+
+def _trilinear_ray_grads(padvol, rb, w, shape, dt):
+    """(g_o, g_e, g_L = 0, g_dt) per ray of the block for the sampled trilinear integral, weighted by ``w``."""
+    o, e, tlo, thi = rb.o, rb.e, rb.tlo, rb.thi
+    dev, cdt = o.device, o.dtype
+    N = torch.tensor(shape, device=dev, dtype=cdt)
+    t0, t1, ent, _, _ = _axis_terms(o, e, -1.0, N, tlo, thi, False)
+    n = o.shape[0]
+    G = torch.zeros(n, 3, device=dev, dtype=cdt)
+    H = torch.zeros(n, 3, device=dev, dtype=cdt)
+    F = torch.zeros(n, device=dev, dtype=cdt)
+    ids = torch.nonzero(t1 > t0).flatten()
+    if ids.numel():
+        oi, ei, t0i = o[ids], e[ids], t0[ids]
+        L = t1[ids] - t0i
+        p = oi + t0i[:, None] * ei
+        kmax = int(torch.ceil(L.max() / dt).item()) + 1
+        K = max(1, min(kmax, R._TRILINEAR_BUDGET // max(ids.numel(), 1)))
+        sY, sZ, offsets = R.padded_strides(shape)
+        Gi, Hi, Fi = G[ids], H[ids], F[ids]
+        for k0 in range(0, kmax, K):
+            k = torch.arange(k0, min(kmax, k0 + K), device=dev, dtype=cdt)
+            t = (k[None, :] + 0.5) * dt
+            inside = (t < L[:, None]).to(cdt)
+            ws, flat = [], None
+            for a, (nn, stride) in enumerate(zip(shape, (sY, sZ, 1))):
+                q = p[:, a, None] + t * ei[:, a, None]
+                i0 = torch.floor(q)
+                f = q - i0
+                ws.append((1 - f, f))
+                ip = i0.clamp_(-1, nn - 1).add_(1).double()
+                flat = ip.mul_(stride) if flat is None else flat.add_(ip.mul_(stride))
+            flat = flat.long()
+            v = [padvol[off:].take(flat) for off in offsets]              # corner (a, b, c) at 4a + 2b + c
+            (wx0, wx1), (wy0, wy1), (wz0, wz1) = ws
+            wx, wy, wz = (wx0, wx1), (wy0, wy1), (wz0, wz1)
+            fval = sum(v[4 * a + 2 * b + c] * wx[a] * wy[b] * wz[c] for a in (0, 1) for b in (0, 1) for c in (0, 1))
+            dfx = sum((v[4 + 2 * b + c] - v[2 * b + c]) * wy[b] * wz[c] for b in (0, 1) for c in (0, 1))
+            dfy = sum((v[4 * a + 2 + c] - v[4 * a + c]) * wx[a] * wz[c] for a in (0, 1) for c in (0, 1))
+            dfz = sum((v[4 * a + 2 * b + 1] - v[4 * a + 2 * b]) * wx[a] * wy[b] for a in (0, 1) for b in (0, 1))
+            grad = torch.stack([dfx, dfy, dfz], -1) * inside[..., None]       # (R, K, 3)
+            Gi += grad.sum(1) * dt
+            Hi += (grad * (t0i[:, None] + t)[..., None]).sum(1) * dt
+            Fi += (fval * inside).sum(1)
+        G[ids], H[ids], F[ids] = Gi, Hi, Fi
+    ge_dot = (G * e).sum(1)
+    inv = torch.where(ent > 0, 1.0 / torch.where(e != 0, e, torch.ones_like(e)), torch.zeros_like(e))
+    go = G - ge_dot[:, None] * inv                                   # ∂t0/∂o_a = −1/e_a on the entry axis
+    ge = H - (ge_dot * t0)[:, None] * inv                            # ∂t0/∂e_a = −t0/e_a
+    # ∂p/∂dt = Σ f_k + Σ ∇f_k·e (k + ½) = p/dt + ((H − t0 G)·e)/dt
+    gdt = F + ((H - t0[:, None] * G) * e).sum(1) / dt
+    gdt = torch.where(t1 > t0, gdt, torch.zeros_like(gdt))
+    return go * w[:, None], ge * w[:, None], torch.zeros_like(t0), gdt * w
+
+
+def _to_record(rb, kind, go, ge, gL, V):
+    """Sum the per-ray (g_o, g_e, g_L) of a block into (V, 24) record gradients."""
+    n = go.shape[0]
+    out = go.new_zeros(V, RAY_RECORD)
+    if kind == "cone":
+        d, m, L = rb.d, rb.m.reshape(n, 3, 3), rb.length
+        Md = torch.einsum("nij,nj->ni", m, d)
+        MtMd = torch.einsum("nji,nj->ni", m, Md)
+        de = (d * ge).sum(1)
+        gd = ge / L[:, None] - MtMd * (de / L**3)[:, None] + MtMd * (gL / L)[:, None]
+        gM = ((gL / L - de / L**3)[:, None, None] * Md[:, :, None] * d[:, None, :]).reshape(n, 9)
+        g_first, gP = go - gd, gd
+        out.index_add_(0, rb.view, torch.nn.functional.pad(gM, (RAY_M, RAY_RECORD - RAY_M - 9)))
+    else:
+        g_first, gP = ge, go
+    rec = torch.zeros(n, RAY_RECORD, device=go.device, dtype=go.dtype)
+    rec[:, RAY_FIRST:RAY_FIRST + 3] = g_first
+    rec[:, RAY_CENTER:RAY_CENTER + 3] = gP
+    rec[:, RAY_U:RAY_U + 3] = gP * rb.c[:, None]
+    rec[:, RAY_V:RAY_V + 3] = gP * rb.r[:, None]
+    out.index_add_(0, rb.view, rec)
+    return out
+
+
+def params_grad_reference(volume: torch.Tensor, grad: torch.Tensor, params: torch.Tensor, dt_mm: torch.Tensor,
+                          kind: str, method: str):
+    """``(∂L/∂params (B, V, 24), ∂L/∂dt_mm (B,))`` float64 on the CPU, for ``L = ⟨grad, project(volume)⟩``.
+
+    ``volume`` (B, X, Y, Z), ``grad`` (B, V, rows, cols), ``params`` (B, V, 24), ``dt_mm`` (B,)."""
+    B, X, Y, Z = volume.shape
+    _, V, rows, cols = grad.shape
+    cdt = R._compute_dtype(volume.dtype)
+    dev = volume.device
+    prm = params.detach().to(device=dev, dtype=cdt)
+    gout = grad.detach().reshape(B, -1).to(cdt)
+    gp = torch.zeros(B, V, RAY_RECORD, device=dev, dtype=cdt)
+    gdt = torch.zeros(B, device=dev, dtype=cdt)
+    for b in range(B):
+        vol_b = volume[b].detach().to(cdt)
+        flatvol = vol_b.reshape(-1) if method == "siddon" else R.pad_flat(vol_b)
+        for start, rb in R.ray_blocks(prm[b], kind, rows, cols, _GRAD_CHUNK):
+            w = gout[b, start:start + rb.o.shape[0]]
+            if method == "siddon":
+                go, ge, gL, gd = _siddon_ray_grads(flatvol, rb, w, (X, Y, Z))
+            else:
+                go, ge, gL, gd = _trilinear_ray_grads(flatvol, rb, w, (X, Y, Z), float(dt_mm[b]))
+                gdt[b] += gd.sum()
+            gp[b] += _to_record(rb, kind, go, ge, gL, V)
+    return gp.to(device="cpu", dtype=torch.float64), gdt.to(device="cpu", dtype=torch.float64)
+
+
+# ------------------------------------------------------------------------------------------ the operator
+
+_LIB = torch.library.Library("xwin", "FRAGMENT")
+_LIB.define("project_geometry_grad(Tensor volume, Tensor grad, Tensor params, Tensor dt_mm, bool cone, str method) "
+            "-> (Tensor, Tensor)")
+
+
+@torch.library.impl(_LIB, "project_geometry_grad", "CompositeExplicitAutograd")
+def _geometry_grad_impl(volume, grad, params, dt_mm, cone, method):
+    B = volume.shape[0]
+    prm = params.detach().expand(B, -1, -1)
+    dts = dt_mm.detach().expand(B)
+    return params_grad_reference(volume, grad, prm, dts, "cone" if cone else "parallel", method)
+
+
+@torch.library.register_fake("xwin::project_geometry_grad", lib=_LIB)
+def _(volume, grad, params, dt_mm, cone, method):
+    B = volume.shape[0]
+    return (params.new_empty((B, params.shape[1], params.shape[2]), dtype=torch.float64),
+            dt_mm.new_empty((B,), dtype=torch.float64))
+
+
+geometry_grad_op = torch.ops.xwin.project_geometry_grad.default
