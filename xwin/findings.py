@@ -7,7 +7,7 @@ The findings benchmark of ``python -m xwin.evaluate --benchmark findings`` needs
   (lungs, heart) that follows the same deformation. Every patient has its own anatomy; a patient gives
   ``images_per_patient`` radiographs, each with its own random findings (so splits must be by patient).
 * **Findings**, each a binary label, inserted into the CT (HU) before rendering:
-  ``nodule`` (1-2 spheres of 5-30 mm diameter in the lung, -350..60 HU: ground glass to solid, with a
+  ``nodule`` (1-3 spheres of 5-30 mm diameter (uniform) in the lung, -350..60 HU: ground glass to solid, with a
   partial-volume edge), ``effusion`` (fluid of 0-30 HU filling the dependent - inferior-posterior - 5-35 %
   of one or both lungs), ``cardiomegaly`` (the heart scaled up by 12-40 % in-plane, painted over lung and
   fat), ``pneumothorax`` (an apico-lateral rim of 6-30 mm of one lung turned to air, the collapsed lung
@@ -37,6 +37,9 @@ from .io import Volume, crop_or_pad, resample
 
 __all__ = ["FINDINGS", "ANATOMY_TARGETS", "BenchmarkConfig", "Patient", "make_patient", "insert_findings",
            "anatomy_targets", "build_benchmark", "phantom_structures"]
+
+#: Bumped whenever the generated images or labels change for the same settings (part of the cache key).
+BENCHMARK_VERSION = 2
 
 FINDINGS = ("nodule", "effusion", "cardiomegaly", "pneumothorax")
 ANATOMY_TARGETS = ("ap_depth_mm", "heart_ap_mm", "heart_volume_ml", "lung_volume_ml")
@@ -72,6 +75,7 @@ class BenchmarkConfig:
 
     def key(self) -> dict:
         d = asdict(self)
+        d["version"] = BENCHMARK_VERSION
         d["ct_shape"], d["ct_spacing"] = list(self.ct_shape), list(self.ct_spacing)
         return d
 
@@ -181,8 +185,8 @@ def _nodule(hu, p, xyz, rng, voxel):
     lung_idx = torch.nonzero(_erode(p.lung, 1))
     if len(lung_idx) == 0:
         lung_idx = torch.nonzero(p.lung)
-    for _ in range(int(rng.integers(1, 3))):
-        r = float(np.exp(rng.uniform(np.log(2.5), np.log(15.0))))  # diameter 5-30 mm, log-uniform
+    for _ in range(int(rng.integers(1, 4))):
+        r = float(rng.uniform(2.5, 15.0))  # diameter 5-30 mm, uniform
         value = float(rng.uniform(-350.0, 60.0))
         c = xyz[tuple(lung_idx[int(rng.integers(len(lung_idx)))].tolist())]
         dist = (xyz - c).norm(dim=-1)

@@ -73,7 +73,7 @@ def _features(names, checkpoint, digest, images, images_key, cache_dir, args, lo
     cache = FeatureCache(cache_dir, digest, images_key)
     feats = {}
     for name in names:
-        spec = EncoderSpec(name, which=args.which, layer=args.layer, seed=args.seed)
+        spec = EncoderSpec(name, which=args.which, layer=args.layer, seed=args.seed, pool=args.pool)
         f = cache.get(spec)
         if f is not None and len(f) == len(images):
             log(f"features {name}: cached ({cache.path(spec).name})")
@@ -138,7 +138,7 @@ def run_evaluation(images: np.ndarray, y: np.ndarray, findings: Sequence[str], s
             per, scores = {}, {}
             for j in keep:
                 f = findings[j]
-                r = linear_probe(x, y[:, j], split)
+                r = linear_probe(x, y[:, j], split, standardize=enc != "pixels")
                 s = summarize_auroc(y[test, j], r["scores"][test], patients[test], args.bootstrap, args.seed)
                 per[f] = {**s, "C": r["C"], "val_auroc": r["val_auroc"]}
                 scores[f] = r["scores"]
@@ -166,7 +166,8 @@ def run_evaluation(images: np.ndarray, y: np.ndarray, findings: Sequence[str], s
         for enc, x in feats.items():
             few[enc] = {}
             for k in args.shots:
-                per = {findings[j]: fewshot_probe(x, y[:, j], split, k, args.seeds) for j in keep}
+                per = {findings[j]: fewshot_probe(x, y[:, j], split, k, args.seeds, standardize=enc != "pixels")
+                       for j in keep}
                 per = {f: v for f, v in per.items() if v is not None}
                 if not per:
                     warnings.warn(f"{k}-shot: no finding has {k} positives and {k} negatives in train", stacklevel=2)
@@ -184,7 +185,7 @@ def run_evaluation(images: np.ndarray, y: np.ndarray, findings: Sequence[str], s
         for enc, x in feats.items():
             ana[enc] = {}
             for k, name in enumerate(target_names):
-                r = ridge_probe(x, targets[:, k], split)
+                r = ridge_probe(x, targets[:, k], split, standardize=enc != "pixels")
                 tt, pp = targets[test, k], r["pred"][test]
                 ana[enc][name] = {"r2": _r2(tt, pp), "ci95": bootstrap_ci(lambda i, tt=tt, pp=pp: _r2(tt[i], pp[i]),
                                                                           patients[test], args.bootstrap, args.seed),
@@ -332,6 +333,8 @@ def _parser(prog: str) -> argparse.ArgumentParser:
     p.add_argument("--which", choices=["target", "context"], default="target", help="EMA target or context encoder")
     p.add_argument("--layer", type=int, default=-1, help="block whose mean-pooled tokens are the features "
                    "(-1: the last, after the final norm)")
+    p.add_argument("--pool", choices=["mean", "grid"], default="mean", help="mean of all patch tokens (D features), "
+                   "or means of the four quadrants of the token grid (4D, keeps coarse position)")
     g = p.add_argument_group("label files")
     g.add_argument("--path-col")
     g.add_argument("--patient-col")

@@ -28,13 +28,20 @@ PIXEL_SIZE = 32
 
 
 class EncoderSpec:
-    """What a feature vector depends on: encoder name (xwin, random, pixels), which/layer/seed."""
+    """What a feature vector depends on: encoder name (xwin, random, pixels), which/layer/seed and the
+    pooling of the patch tokens: ``mean`` (all tokens, width D) or ``grid`` (mean over each quadrant of the
+    token grid, concatenated: 4·D, keeps coarse position)."""
 
-    def __init__(self, name: str, which: str = "target", layer: int = -1, seed: int = 0):
-        self.name, self.which, self.layer, self.seed = name, which, int(layer), int(seed)
+    def __init__(self, name: str, which: str = "target", layer: int = -1, seed: int = 0, pool: str = "mean"):
+        if pool not in ("mean", "grid"):
+            raise XwinError(f"pool must be 'mean' or 'grid', got {pool!r}")
+        self.name, self.which, self.layer, self.seed, self.pool = name, which, int(layer), int(seed), pool
 
     def key(self) -> dict:
-        return {"name": self.name, "which": self.which, "layer": self.layer, "seed": self.seed}
+        k = {"name": self.name, "which": self.which, "layer": self.layer, "seed": self.seed}
+        if self.pool != "mean" and self.name != "pixels":
+            k["pool"] = self.pool
+        return k
 
 
 def file_digest(path: Path, chunk: int = 1 << 22) -> str:
@@ -124,9 +131,13 @@ def make_extractor(spec: EncoderSpec, checkpoint, device: str = "cpu") -> Tuple[
             t = blk(t)
         if layer == depth - 1:
             t = vit.norm(t)  # the final-norm tokens, as FrozenEncoder returns them
+        if spec.pool == "grid":
+            g = vit.grid
+            t = t.transpose(1, 2).reshape(t.shape[0], t.shape[2], g, g)
+            return F.adaptive_avg_pool2d(t, 2).flatten(1).cpu()
         return t.mean(dim=1).cpu()
 
-    if layer == depth - 1 and spec.name == "xwin":
+    if layer == depth - 1 and spec.name == "xwin" and spec.pool == "mean":
         def encode_frozen(x: torch.Tensor) -> torch.Tensor:
             return frozen(x.to(device)).cpu()
         return encode_frozen, size

@@ -81,10 +81,12 @@ def bootstrap_ci(metric: Callable[[np.ndarray], float], groups: Sequence, n: int
     return [float(np.percentile(vals, a)), float(np.percentile(vals, 100.0 - a))]
 
 
-def _scaler(x: np.ndarray):
+def _scaler(x: np.ndarray, standardize: bool = True):
+    """Per-feature standardisation (fitted on the given rows), or the identity for features that already
+    carry a meaningful common scale (the pixels baseline's PCA scores)."""
     from sklearn.preprocessing import StandardScaler
 
-    return StandardScaler().fit(x)
+    return StandardScaler(with_mean=standardize, with_std=standardize).fit(x)
 
 
 def _logreg(C: float):
@@ -101,7 +103,8 @@ def _fit_quiet(model, x, y):
         return model.fit(x, y)
 
 
-def linear_probe(x: np.ndarray, y: np.ndarray, split: np.ndarray, grid: Sequence[float] = C_GRID) -> dict:
+def linear_probe(x: np.ndarray, y: np.ndarray, split: np.ndarray, grid: Sequence[float] = C_GRID,
+                 standardize: bool = True) -> dict:
     """One finding: ``x`` (N, D) features, ``y`` (N,) 0/1/NaN, ``split`` (N,) train/val/test.
 
     Returns ``{"scores": (N,) test-split scores (NaN elsewhere), "C", "val_auroc", "val_curve"}``.
@@ -110,13 +113,13 @@ def linear_probe(x: np.ndarray, y: np.ndarray, split: np.ndarray, grid: Sequence
     tr, va, te = [(split == s) & ok for s in ("train", "val", "test")]
     curve = {}
     for C in grid:
-        sc = _scaler(x[tr])
+        sc = _scaler(x[tr], standardize)
         m = _fit_quiet(_logreg(C), sc.transform(x[tr]), y[tr].astype(int))
         curve[C] = auroc(y[va], m.decision_function(sc.transform(x[va])))
     finite = {c: v for c, v in curve.items() if np.isfinite(v)}
     best = max(finite, key=lambda c: (finite[c], -abs(np.log10(c)))) if finite else 1.0
     fit = tr | va
-    sc = _scaler(x[fit])
+    sc = _scaler(x[fit], standardize)
     m = _fit_quiet(_logreg(best), sc.transform(x[fit]), y[fit].astype(int))
     scores = np.full(len(y), np.nan)
     scores[te] = m.decision_function(sc.transform(x[te]))
@@ -125,7 +128,7 @@ def linear_probe(x: np.ndarray, y: np.ndarray, split: np.ndarray, grid: Sequence
 
 
 def fewshot_probe(x: np.ndarray, y: np.ndarray, split: np.ndarray, shots: int, seeds: int,
-                  C: float = FEWSHOT_C) -> Optional[dict]:
+                  C: float = FEWSHOT_C, standardize: bool = True) -> Optional[dict]:
     """k-shot AUROC on test over ``seeds`` class-balanced draws; None if train has < k of a class."""
     ok = np.isfinite(y)
     tr = np.nonzero((split == "train") & ok)[0]
@@ -133,7 +136,7 @@ def fewshot_probe(x: np.ndarray, y: np.ndarray, split: np.ndarray, shots: int, s
     pos, neg = tr[y[tr] == 1], tr[y[tr] == 0]
     if len(pos) < shots or len(neg) < shots:
         return None
-    sc = _scaler(x[split == "train"])  # unlabelled statistics of the training images
+    sc = _scaler(x[split == "train"], standardize)  # unlabelled statistics of the training images
     vals = []
     for s in range(int(seeds)):
         rng = np.random.default_rng([int(s), int(shots), 0xF5])
@@ -144,32 +147,44 @@ def fewshot_probe(x: np.ndarray, y: np.ndarray, split: np.ndarray, shots: int, s
             "per_seed": [float(v) for v in vals]}
 
 
-def ridge_probe(x: np.ndarray, t: np.ndarray, split: np.ndarray, grid: Sequence[float] = ALPHA_GRID) -> dict:
+def ridge_probe(x: np.ndarray, t: np.ndarray, split: np.ndarray, grid: Sequence[float] = ALPHA_GRID,
+                standardize: bool = True) -> dict:
     """One continuous target ``t`` (N,): test-split predictions, chosen alpha, validation R²."""
     from sklearn.linear_model import Ridge
 
     tr, va, te = [(split == s) for s in ("train", "val", "test")]
     curve = {}
     for a in grid:
-        sc = _scaler(x[tr])
-        m = Ridge(alpha=a).fit(sc.transform(x[tr]), t[tr])
+        sc = _scaler(x[tr], standardize)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # scipy's ill-conditioning note at tiny alphas
+            m = Ridge(alpha=a).fit(sc.transform(x[tr]), t[tr])
         curve[a] = _r2(t[va], m.predict(sc.transform(x[va])))
     best = max(curve, key=lambda a: curve[a] if np.isfinite(curve[a]) else -np.inf)
     fit = tr | va
-    sc = _scaler(x[fit])
-    m = Ridge(alpha=best).fit(sc.transform(x[fit]), t[fit])
+    sc = _scaler(x[fit], standardize)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        m = Ridge(alpha=best).fit(sc.transform(x[fit]), t[fit])
     pred = np.full(len(t), np.nan)
     pred[te] = m.predict(sc.transform(x[te]))
     return {"pred": pred, "alpha": float(best), "val_r2": curve[best]}
 
 
 def pca_fit(x: np.ndarray, split: np.ndarray, width: int) -> np.ndarray:
-    """The pixels baseline: PCA to ``width`` components (at most n_train - 1), fitted on train only."""
+    """The pixels baseline: PCA to ``width`` components (at most n_train - 1), fitted on train only.
+
+    The scores keep their relative variances (one common scale factor, no per-component whitening: the
+    last components of a PCA fitted on n samples have almost no training variance, and standardising
+    them would blow up their noise on the other splits); probe them with ``standardize=False``.
+    """
     from sklearn.decomposition import PCA
 
     tr = split == "train"
     k = int(max(1, min(width, tr.sum() - 1, x.shape[1])))
-    return PCA(n_components=k, random_state=0).fit(x[tr]).transform(x).astype(np.float32)
+    pca = PCA(n_components=k, random_state=0).fit(x[tr])
+    z = pca.transform(x)
+    return (z / np.sqrt(max(float(np.mean(pca.explained_variance_)), 1e-12))).astype(np.float32)
 
 
 def summarize_auroc(y: np.ndarray, scores: np.ndarray, groups: np.ndarray, n_boot: int, seed: int = 0) -> Dict:

@@ -55,13 +55,12 @@ def plot_linear(curves: Dict, metrics: Dict, path: Path, title: str) -> None:
 
     plt = _plt()
     findings = list(next(iter(curves.values())).keys()) if curves else []
-    n = len(findings) + 1
-    ncol = min(n, 4)
-    nrow = math.ceil(n / ncol)
-    fig, axes = plt.subplots(nrow, ncol, figsize=(3.3 * ncol, 3.2 * nrow), squeeze=False)
-    axes = axes.ravel()
+    ncol = max(1, min(len(findings), 4))
+    nrow = math.ceil(len(findings) / ncol) + 1
+    fig = plt.figure(figsize=(3.3 * max(ncol, 3), 3.2 * nrow))
+    gs = fig.add_gridspec(nrow, ncol)
     for k, f in enumerate(findings):
-        ax = axes[k]
+        ax = fig.add_subplot(gs[k // ncol, k % ncol])
         for enc, per in curves.items():
             y, s = per[f]
             if len(np.unique(y)) < 2:
@@ -74,7 +73,7 @@ def plot_linear(curves: Dict, metrics: Dict, path: Path, title: str) -> None:
         ax.set_xlabel("1 - specificity", fontsize=8)
         ax.set_ylabel("sensitivity", fontsize=8)
         ax.legend(fontsize=7, loc="lower right")
-    ax = axes[len(findings)]
+    ax = fig.add_subplot(gs[nrow - 1, :])
     names = findings + ["macro"]
     encs = list(metrics)
     w = 0.8 / max(1, len(encs))
@@ -90,12 +89,10 @@ def plot_linear(curves: Dict, metrics: Dict, path: Path, title: str) -> None:
         ax.bar(x, vals, w, yerr=[lo, hi], capsize=2, color=_COLORS.get(enc), label=enc)
     ax.axhline(0.5, ls=":", color="grey", lw=0.8)
     ax.set_xticks(np.arange(len(names)))
-    ax.set_xticklabels(names, rotation=45, ha="right", fontsize=7)
-    ax.set_ylim(0.3, 1.0)
+    ax.set_xticklabels(names, fontsize=8)
+    ax.set_ylim(0.0, 1.0)
     ax.set_title("test AUROC (95% CI)", fontsize=9)
     ax.legend(fontsize=7)
-    for ax in axes[n:]:
-        ax.axis("off")
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
