@@ -279,3 +279,13 @@ def test_label_error_is_xwin_error():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert patient_split(["a", "b", "c"], 0).tolist().count("test") == 1
+
+
+def test_exported_encoder_names_which_it_holds(ckpt, tmp_path, capsys, chexpert):
+    from xwin.model import export_encoder
+
+    p = export_encoder(ckpt, tmp_path / "enc.safetensors", which="target")
+    csv_path, root = chexpert
+    rc, _, err = _cli(["--checkpoint", p, "--which", "context", "--labels", csv_path, "--images", root,
+                       "--out", tmp_path / "o"], capsys)
+    assert rc == 2 and "holds the target encoder" in err and not (tmp_path / "o").exists()

@@ -68,6 +68,23 @@ def training_config(checkpoint: Path, config: Optional[str] = None) -> dict:
     raise XwinError(f"no training config found for {checkpoint} (no config.json beside it): give --config")
 
 
+def _which(ckpt: Path, asked: Optional[str]) -> str:
+    """The encoder to use: an exported safetensors file holds one (named in its metadata)."""
+    if ckpt.suffix != ".safetensors":
+        return asked or "target"
+    try:
+        from safetensors import safe_open
+
+        with safe_open(str(ckpt), framework="pt") as f:
+            held = (f.metadata() or {}).get("xwin_which", "target")
+    except Exception as e:
+        raise XwinError(f"cannot read {ckpt} as safetensors: {type(e).__name__}: {e}") from None
+    if asked is not None and asked != held:
+        raise XwinError(f"{ckpt} holds the {held} encoder, not the {asked} one: give the training checkpoint "
+                        f"or an export of the {asked} encoder")
+    return held
+
+
 # ----------------------------------------------------------------------------------------- core
 def _features(names, checkpoint, digest, images, images_key, cache_dir, args, log) -> Dict[str, np.ndarray]:
     cache = FeatureCache(cache_dir, digest, images_key)
@@ -330,7 +347,8 @@ def _parser(prog: str) -> argparse.ArgumentParser:
     p.add_argument("--shots", nargs="+", type=int, default=[4, 8, 16])
     p.add_argument("--seeds", type=int, default=5, help="few-shot draws per k")
     p.add_argument("--encoders", nargs="+", choices=ENCODERS, default=list(ENCODERS))
-    p.add_argument("--which", choices=["target", "context"], default="target", help="EMA target or context encoder")
+    p.add_argument("--which", choices=["target", "context"], help="EMA target (default) or context encoder of a "
+                   "training checkpoint; an exported .safetensors holds one of them")
     p.add_argument("--layer", type=int, default=-1, help="block whose mean-pooled tokens are the features "
                    "(-1: the last, after the final norm)")
     p.add_argument("--pool", choices=["mean", "grid"], default="mean", help="mean of all patch tokens (D features), "
@@ -345,7 +363,7 @@ def _parser(prog: str) -> argparse.ArgumentParser:
     g.add_argument("--missing", choices=["error", "skip"], default="error", help="images listed but not found")
     g.add_argument("--split-fractions", nargs=3, type=float, default=[0.6, 0.2, 0.2], metavar=("TRAIN", "VAL", "TEST"))
     b = p.add_argument_group("findings benchmark")
-    b.add_argument("--patients", type=int, default=80)
+    b.add_argument("--patients", type=int, default=150)
     b.add_argument("--images-per-patient", type=int, default=2)
     b.add_argument("--prevalence", type=float, default=0.4)
     b.add_argument("--config", help="training config (name or JSON) if no config.json sits beside the checkpoint")
@@ -381,6 +399,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if args.out is None:
             args.out = f"runs/evaluate-{Path(args.labels).stem if args.labels else args.benchmark}"
         ckpt = resolve_checkpoint(args.checkpoint)
+        args.which = _which(ckpt, args.which)
         (_labels_mode if args.labels else _benchmark_mode)(args, ckpt, log)
     except XwinError as e:
         print(f"{prog}: error: {e}", file=sys.stderr)
