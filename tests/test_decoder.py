@@ -132,3 +132,21 @@ def test_safe_load_refuses_code_and_non_checkpoints(tmp_path):
     torch.save({"x": torch.ones(2)}, plain)
     with pytest.raises(DecoderError, match="not a projection-decoder"):
         load_decoder(plain)
+
+
+def test_finetuning_the_view_predictor_stores_its_weights(tmp_path):
+    from xwin.decoder import load_world_model
+
+    ckpt = tiny_world_checkpoint(tmp_path / "run")
+    path = train_decoder(ckpt, tmp_path / "ft", {**FAST_DECODER, "steps": 2, "finetune_predictor": True})
+    _, meta = load_decoder(path)
+    model, _, _ = load_world_model(ckpt)
+    before = model.view_predictor.state_dict()
+    after = meta["view_predictor"]
+    assert set(after) == set(before)
+    assert any(not torch.equal(before[k], after[k]) for k in before)      # g_v moved
+    from xwin.reconstruct.from_model import Pipeline
+
+    pipe = Pipeline(tmp_path / "ft" / "decoder.pt")                       # the decoder file finds its world model
+    for k, v in pipe.model.view_predictor.state_dict().items():
+        assert torch.equal(v, after[k])

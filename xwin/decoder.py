@@ -88,6 +88,8 @@ class DecoderConfig:
     ckpt_every: int = 200
     seed: int = 0
     yaw_step: Optional[float] = None  # None: the world model's render grid
+    finetune_predictor: bool = False  # also train the world model's view predictor g_v on the pixel loss
+    predictor_lr_scale: float = 0.1   # its learning rate relative to the decoder's
     extra_phantoms: int = 16          # phantoms the world model never saw, added to the decoder's data
     extra_phantom_seed0: int = 50_000  # their seeds: seed0, seed0 + 1, ... (held-out evaluation: 200_000 + i)
 
@@ -264,13 +266,18 @@ def render_line_integrals(mu: torch.Tensor, affine, yaws_deg, world_cfg: dict, s
     return p.float(), g
 
 
-def context_image(frontal: torch.Tensor, world_cfg: dict, line_integrals: bool = True) -> torch.Tensor:
+def context_image(frontal: torch.Tensor, world_cfg: dict) -> torch.Tensor:
     """The world model's input ``(1, 1, S, S)`` from a frontal view (line integrals, or a "bright = dense"
-    radiograph with ``line_integrals=False``): the training normalisation, then the model's image size."""
-    from .intensity import normalize_radiograph
+    radiograph): the training normalisation (``render.normalize``: a frontal view is its own reference, so the
+    per-view and per-CT modes agree on it), then the model's image size."""
+    from . import intensity
 
     s = int(world_cfg["model"].get("img_size", 224))
-    img = normalize_radiograph(frontal.float())
+    mode = world_cfg.get("render", {}).get("normalize", "view")
+    if hasattr(intensity, "normalize_views"):
+        img = intensity.normalize_views(frontal.float()[None], 0, mode)[0]
+    else:  # before per-CT normalisation existed
+        img = intensity.normalize_radiograph(frontal.float())
     if img.shape[-2:] != (s, s):
         img = F.interpolate(img[None, None], size=(s, s), mode="bilinear", align_corners=False, antialias=True)[0, 0]
     return img.reshape(1, 1, s, s)
@@ -406,11 +413,12 @@ def _atomic_torch_save(obj, path: Path) -> None:
 
 @torch.no_grad()
 def build_token_cache(model, world_cfg: dict, entries: Sequence[tuple], yaws: np.ndarray, percentile: float,
-                      device="cpu", log=None):
-    """Predicted tokens (K, V, P, D), targets p/s (K, V, S, S) and scales s (K,) of the training CTs."""
+                      device="cpu", log=None, context_tokens: bool = False):
+    """Predicted tokens (K, V, P, D), targets p/s (K, V, S, S), scales s (K,) of the training CTs and, with
+    ``context_tokens``, the encoder's tokens of their frontal views (K, P, D) (else None)."""
     from .intensity import hu_to_mu
 
-    toks, tgts, scales = [], [], []
+    toks, tgts, scales, ctxs = [], [], [], []
     act = torch.zeros(1, len(yaws), int(world_cfg["model"].get("action_dim", 3)))
     act[0, :, 0] = torch.deg2rad(torch.as_tensor(yaws, dtype=torch.float64)).float()
     i0 = int(np.argmin(np.abs(yaws)))
@@ -421,11 +429,14 @@ def build_token_cache(model, world_cfg: dict, entries: Sequence[tuple], yaws: np
         t, s = projection_targets(p, i0, percentile)
         ctx = context_image(p[i0], world_cfg).to(device)
         toks.append(predict_view_tokens(model, ctx, act.to(device))[0].float().cpu())
+        if context_tokens:
+            ctxs.append(model.encoder(ctx)[0].float())
         tgts.append(t.cpu())
         scales.append(s)
         if log:
             log(f"decoder data: CT {k + 1}/{len(entries)} ({e[0]} {e[1] if e[1] is not None else ''}) s = {s:.3f}")
-    return torch.stack(toks), torch.stack(tgts), torch.tensor(scales, dtype=torch.float64)
+    return (torch.stack(toks), torch.stack(tgts), torch.tensor(scales, dtype=torch.float64),
+            torch.stack(ctxs) if context_tokens else None)
 
 
 def train_decoder(checkpoint, out_dir, config: Optional[dict] = None, *, ct: Sequence[str] = (), device="cpu",
@@ -447,18 +458,29 @@ def train_decoder(checkpoint, out_dir, config: Optional[dict] = None, *, ct: Seq
     yaws = yaw_grid(wcfg, dcfg.yaw_step)
     entries = training_entries(wcfg, ct) + [("phantom", dcfg.extra_phantom_seed0 + i) for i in range(dcfg.extra_phantoms)]
     t0 = time.perf_counter()
-    toks, tgts, scales = build_token_cache(model, wcfg, entries, yaws, dcfg.scale_percentile, device, log)
+    ft = dcfg.finetune_predictor
+    toks, tgts, scales, ctxt = build_token_cache(model, wcfg, entries, yaws, dcfg.scale_percentile, device, log,
+                                                 context_tokens=ft)
     t_cache = time.perf_counter() - t0
+    predictor = model.view_predictor if ft else None
     del model
     K, V, P, D = toks.shape
     torch.manual_seed(dcfg.seed)
     grid = int(round(math.sqrt(P)))
     dec = ProjectionDecoder(grid, int(mc.get("patch_size", 16)), D, dcfg.width, dcfg.depth, dcfg.heads,
                             dcfg.refine_channels).to(device)
-    decay = [p for n, p in dec.named_parameters() if p.ndim > 1]
-    rest = [p for n, p in dec.named_parameters() if p.ndim <= 1]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": dcfg.weight_decay},
-                             {"params": rest, "weight_decay": 0.0}], lr=dcfg.start_lr)
+    groups = []
+    for mod, scale in ((dec, 1.0),) + (((predictor, dcfg.predictor_lr_scale),) if ft else ()):
+        mod.train()
+        ps = list(mod.parameters())
+        for p in ps:
+            p.requires_grad_(True)
+        groups += [{"params": [p for p in ps if p.ndim > 1], "weight_decay": dcfg.weight_decay, "lr_scale": scale},
+                   {"params": [p for p in ps if p.ndim <= 1], "weight_decay": 0.0, "lr_scale": scale}]
+    trainable = [p for g in groups for p in g["params"]]
+    opt = torch.optim.AdamW(groups, lr=dcfg.start_lr)
+    acts = torch.zeros(V, 1, int(mc.get("action_dim", 3)), device=device)
+    acts[:, 0, 0] = torch.deg2rad(torch.as_tensor(yaws, dtype=torch.float64)).float()
     gen = torch.Generator().manual_seed(dcfg.seed * 7919 + 17)
     state_path, metrics_path = out / "checkpoint.pt", out / "metrics.jsonl"
     cfg_record = {"decoder": asdict(dcfg), "world_checkpoint": str(ckpt_path.resolve()), "world_step": wstep}
@@ -468,6 +490,8 @@ def train_decoder(checkpoint, out_dir, config: Optional[dict] = None, *, ct: Seq
         if st.get("record", {}).get("decoder") != cfg_record["decoder"]:
             raise DecoderError(f"{state_path} was written with another decoder config; use another folder")
         dec.load_state_dict(st["decoder"])
+        if ft:
+            predictor.load_state_dict(st["view_predictor"])
         opt.load_state_dict(st["optimizer"])
         gen.set_state(st["generator"])
         torch.set_rng_state(st["torch_rng"])
@@ -485,8 +509,11 @@ def train_decoder(checkpoint, out_dir, config: Optional[dict] = None, *, ct: Seq
         from tqdm.auto import tqdm
         bar = tqdm(total=end, initial=start, desc="decoder", file=sys.stderr, dynamic_ncols=True)
 
+    def extra_state():
+        return {"view_predictor": predictor.state_dict()} if ft else {}
+
     def save(step):
-        _atomic_torch_save({"step": step, "decoder": dec.state_dict(), "optimizer": opt.state_dict(),
+        _atomic_torch_save({"step": step, "decoder": dec.state_dict(), "optimizer": opt.state_dict(), **extra_state(),
                             "generator": gen.get_state(), "torch_rng": torch.get_rng_state(),
                             "record": cfg_record}, state_path)
 
@@ -496,13 +523,17 @@ def train_decoder(checkpoint, out_dir, config: Optional[dict] = None, *, ct: Seq
         for step in range(start, end):
             lr = _lr(step, dcfg)
             for g in opt.param_groups:
-                g["lr"] = lr
+                g["lr"] = lr * g["lr_scale"]
             idx = torch.randint(0, K * V, (min(dcfg.batch_size, K * V),), generator=gen).to(device)
-            pred = dec(flat_t[idx])
+            if ft:
+                tok = predictor(ctxt[idx // V], acts[idx % V])[:, 0]
+            else:
+                tok = flat_t[idx]
+            pred = dec(tok)
             ls = decoder_loss(pred, flat_y[idx], dcfg.structural, dcfg.lambda_structural)
             opt.zero_grad(set_to_none=True)
             ls["loss"].backward()
-            gn = torch.nn.utils.clip_grad_norm_(dec.parameters(), dcfg.clip_grad)
+            gn = torch.nn.utils.clip_grad_norm_(trainable, dcfg.clip_grad)
             opt.step()
             rec = {"step": step + 1, "lr": lr, "grad_norm": float(gn), **{k: float(v.detach()) for k, v in ls.items()}}
             if not math.isfinite(rec["loss"]):
@@ -519,7 +550,7 @@ def train_decoder(checkpoint, out_dir, config: Optional[dict] = None, *, ct: Seq
     final = out / "decoder.pt"
     if end == dcfg.steps:
         _atomic_torch_save({
-            "kind": DECODER_KIND, "decoder": dec.state_dict(), "decoder_config": asdict(dcfg),
+            "kind": DECODER_KIND, "decoder": dec.state_dict(), "decoder_config": asdict(dcfg), **extra_state(),
             "arch": {"grid": grid, "patch_size": int(mc.get("patch_size", 16)), "embed_dim": D},
             "prior_scale": float(scales.mean()), "train_scales": scales.tolist(), "yaws_deg": yaws.tolist(),
             "train_cts": [f"{k}:{w}" if w is not None else k for k, w in entries],
@@ -554,3 +585,40 @@ def train_stage(run_dir, cfg: Optional[dict] = None, *, ct: Sequence[str] = (), 
     dsec = dict((cfg or {}).get("decoder") or {})
     return train_decoder(run / "checkpoint.pt", run / "decoder", dsec, ct=ct, device=device, progress=progress,
                          log=lambda m: print(f"[xwin.decoder] {m}", file=sys.stderr))
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """``python -m xwin.decoder RUN [--ct ...] [--set key=value ...]``: the decoder stage on ``RUN/checkpoint.pt``."""
+    import argparse
+
+    p = argparse.ArgumentParser(prog="python -m xwin.decoder", description="Train the projection decoder on a "
+                                "frozen X-WIN world model (second stage); writes RUN/decoder/decoder.pt.")
+    p.add_argument("run", help="world-model run folder (holds checkpoint.pt)")
+    p.add_argument("--ct", nargs="+", default=[], help="the world model's --ct sources, if it was trained with any")
+    p.add_argument("--out", default=None, help="decoder folder (default RUN/decoder)")
+    p.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE", help="decoder config entries, e.g. steps=300")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--no-progress", action="store_true")
+    a = p.parse_args(argv)
+    cfg = {}
+    try:
+        for kv in a.set:
+            if "=" not in kv:
+                raise DecoderError(f"--set {kv!r} must look like key=value")
+            k, v = kv.split("=", 1)
+            try:
+                cfg[k] = json.loads(v)
+            except json.JSONDecodeError:
+                cfg[k] = v
+        out = Path(a.out) if a.out else Path(a.run) / "decoder"
+        path = train_decoder(Path(a.run) / "checkpoint.pt", out, cfg, ct=a.ct, device=a.device,
+                             progress=not a.no_progress, log=lambda m: print(f"[xwin.decoder] {m}", file=sys.stderr))
+    except XwinError as e:
+        print(f"python -m xwin.decoder: error: {e}", file=sys.stderr)
+        return 2
+    print(path)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -66,6 +66,8 @@ class Pipeline:
                                      f"with xwin.decoder.train_stage('{ckpt.parent}') or give --decoder")
         self.model, self.cfg, self.step = load_world_model(head, device)
         self.decoder, self.meta = load_decoder(decoder_path, device)
+        if "view_predictor" in self.meta:           # the decoder stage fine-tuned g_v: use its weights
+            self.model.view_predictor.load_state_dict(self.meta.pop("view_predictor"))
         self.device = torch.device(device)
         self.ckpt, self.decoder_path = str(ckpt), str(decoder_path)
 
