@@ -190,3 +190,95 @@ def test_projection_stack_formats_and_i0(tmp_path):
         load_projections(tmp_path / "bad.npy")
     with pytest.raises(XwinIOError, match="unknown projection stack format"):
         load_projections(tmp_path / "p.txt")
+
+
+# ---------------------------------------------------------------------------------------- against RTK itself
+
+def _ncc(a, b):
+    a, b = a - a.mean(), b - b.mean()
+    return float((a * b).sum() / np.sqrt((a * a).sum() * (b * b).sum()))
+
+
+@pytest.fixture(scope="module")
+def rtk_runs():  # ~45 s the first time ITK loads RTK's projector modules
+    """RTK's Joseph projections and RTK's FDK of a chest phantom under three circular geometries: full scan
+    with detector offsets and an out-of-plane tilt, short scan, and a displaced (half-fan) detector."""
+    pytest.importorskip("itk")
+    from xwin.intensity import hu_to_mu
+    from xwin.io import Volume
+    from xwin.phantom import chest_phantom
+    from xwin.reconstruct.rtk_itk import require_rtk, rtk_fdk, rtk_forward
+
+    try:
+        require_rtk()
+    except ValueError:
+        pytest.skip("ITK is installed without RTK (pip install itk-rtk)")
+    torch.set_num_threads(1)
+    ph = chest_phantom((44, 44, 14), (8.0, 8.0, 8.0), seed=0)
+    mu = torch.nn.functional.pad(hu_to_mu(ph.data), (2, 2, 2, 2, 2, 2))     # air margin: Joseph stops at centres
+    aff = ph.affine.copy()
+    aff[:3, 3] -= aff[:3, :3] @ np.full(3, 2.0)
+    vol = Volume(mu, aff)
+    cases = {
+        "full": (RTKGeometry(sid=1000.0, sdd=1500.0, gantry=np.arange(90) * 4.0, proj_offset_x=9.0, proj_offset_y=-6.0,
+                             out_of_plane=3.0, in_plane=2.0), 26, 72),
+        "short": (RTKGeometry(sid=1000.0, sdd=1500.0, gantry=np.linspace(0, 214, 80)), 26, 72),
+        "half": (RTKGeometry(sid=1000.0, sdd=1500.0, gantry=np.arange(90) * 4.0, proj_offset_x=12.0 * 16), 26, 40),
+    }
+    out = {}
+    for name, (rg, rows, cols) in cases.items():
+        frame = centered_detector_frame(rows, cols, 12.0)
+        frame[:2, 3] += [5.0, -3.0]                                          # the stack's own origin counts
+        p = rtk_forward(vol, rg, frame, rows, cols)
+        out[name] = dict(rg=rg, rows=rows, cols=cols, frame=frame, p=p, fdk=rtk_fdk(p, frame, rg, vol))
+    return vol, out
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", ["full", "short", "half"])
+def test_xwin_projection_matches_rtk_joseph(rtk_runs, case):
+    """Same volume, RTK's geometry converted: xwin's trilinear projection matches RTK's Joseph projection
+    (NCC ≥ 0.999) and fits better than the same detector moved by half a pixel along u or v."""
+    from xwin.kernels import project
+
+    vol, runs = rtk_runs
+    r = runs[case]
+    g = rtk_to_vector(r["rg"], r["frame"], r["rows"], r["cols"])
+    ours = project(vol.data.float(), g, affine=vol.affine, method="trilinear", step=0.25).numpy()
+    err = np.linalg.norm(ours - r["p"]) / np.linalg.norm(r["p"])
+    assert _ncc(ours, r["p"]) >= 0.999, _ncc(ours, r["p"])
+    for du, dv in ((0.5, 0), (-0.5, 0), (0, 0.5), (0, -0.5)):
+        shift = np.eye(4)
+        shift[:2, 3] = [du, dv]
+        gs = rtk_to_vector(r["rg"], r["frame"] @ shift, r["rows"], r["cols"])
+        moved = project(vol.data.float(), gs, affine=vol.affine, method="trilinear", step=0.25).numpy()
+        assert np.linalg.norm(moved - r["p"]) / np.linalg.norm(r["p"]) > 2 * err
+        assert _ncc(moved, r["p"]) < _ncc(ours, r["p"])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", ["full", "short", "half"])
+def test_xwin_fdk_of_rtk_projections_matches_rtk_fdk(rtk_runs, case):
+    """xwin's FDK of RTK's projections (converted geometry) equals RTK's FDK of them: relative difference over
+    the field of view measured 1.4e-3 for the full scan with a tilted, offset detector (the two handle the
+    tilt differently), ~1e-5 for the short scan and the half-fan detector; PSNR against the truth within
+    0.5 dB of RTK's or better."""
+    from xwin.reconstruct import fdk
+    from xwin.reconstruct.filters import fov_mask
+    from xwin.reconstruct.report import image_metrics
+
+    vol, runs = rtk_runs
+    r = runs[case]
+    g = rtk_to_vector(r["rg"], r["frame"], r["rows"], r["cols"])
+    rec, info = fdk(torch.from_numpy(r["p"]), g, vol.spatial_shape, affine=vol.affine, return_info=True)
+    m = fov_mask(g, vol.spatial_shape, affine=vol.affine)
+    theirs = r["fdk"].data
+    np.testing.assert_allclose(r["fdk"].affine, vol.affine, atol=1e-5)
+    rel = float((rec - theirs)[m].norm() / theirs[m].norm())
+    print(f"{case}: relative difference {rel:.2e}")
+    assert rel < (5e-3 if case == "full" else 1e-4)
+    ps_ours = image_metrics(rec, vol.data, m)["psnr_db"]
+    ps_rtk = image_metrics(theirs, vol.data, m)["psnr_db"]
+    assert ps_ours >= ps_rtk - 0.5
+    if case == "half":
+        assert "displaced" in info["orbit"]["redundancy"]

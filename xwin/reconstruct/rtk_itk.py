@@ -115,7 +115,8 @@ def _empty_volume(like: Volume):
     src.SetDirection(itk.matrix_from_array(np.ascontiguousarray(m[:3, :3] / sp)))
     src.SetSize([int(s) for s in like.spatial_shape])
     src.SetConstant(0.0)
-    return src
+    src.Update()               # the image must outlive its source (ITK images hold their source weakly)
+    return src.GetOutput()
 
 
 def rtk_fdk(p: np.ndarray, frame: np.ndarray, g: RTKGeometry, like: Volume, *, hann: float = 0.0) -> Volume:
@@ -131,7 +132,7 @@ def rtk_fdk(p: np.ndarray, frame: np.ndarray, g: RTKGeometry, like: Volume, *, h
     pssf.SetInput(ddf.GetOutput())
     pssf.SetGeometry(geo)
     fdk = rtk.FDKConeBeamReconstructionFilter[img_t].New()
-    fdk.SetInput(0, _empty_volume(like).GetOutput())
+    fdk.SetInput(0, _empty_volume(like))
     fdk.SetInput(1, pssf.GetOutput())
     fdk.SetGeometry(geo)
     if hann:
@@ -147,7 +148,7 @@ def rtk_iterative(method: str, p: np.ndarray, frame: np.ndarray, g: RTKGeometry,
     img_t = itk.Image[itk.F, 3]
     geo = rtk_geometry(g)
     proj = stack_image(p, frame)
-    init = _empty_volume(like).GetOutput()
+    init = _empty_volume(like)
     if method == "sart":
         f = rtk.SARTConeBeamReconstructionFilter[img_t, img_t].New()
         f.SetNumberOfIterations(iterations)
