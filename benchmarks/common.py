@@ -129,17 +129,25 @@ def row_subset(g, every: int):
 # ---------------------------------------------------------------------------------------------- work counts
 
 def _index_rays(g, affine: np.ndarray):
-    """Index-space origin (R,3), unit-mm direction (R,3) and world length (R,) of every cone-beam ray."""
-    a = torch.as_tensor(affine, dtype=torch.float64)
-    m, off = a[:3, :3], a[:3, 3]
-    minv = torch.linalg.inv(m)
-    pix = g.to("cpu").pixel_positions().reshape(g.num_views, -1, 3)          # (V, P, 3) world
-    src = g.to("cpu").source[:, None, :].expand_as(pix)
-    d_world = pix - src
-    length = d_world.norm(dim=-1)
-    o = (src - off) @ minv.T
-    d_idx = d_world @ minv.T
-    e = d_idx / length[..., None]                                           # index units per mm
+    """Index-space origin (R,3), unit-mm direction (R,3) and world length (R,) of every cone-beam ray, from the
+    projector's own per-view ray record (``xwin.kernels._prep.ray_params``, read through the named offsets
+    of ``xwin.kernels.layout``): pixel (r, c) at C + (c − (cols−1)/2)·U + (r − (rows−1)/2)·V."""
+    from xwin.kernels._prep import affine_batch, ray_params
+    from xwin.kernels.layout import RAY_CENTER, RAY_FIRST, RAY_M, RAY_U, RAY_V
+
+    if g.kind != "cone":
+        raise ValueError("work counts are for cone-beam geometries")
+    rec = ray_params(g.to("cpu"), affine_batch(affine, 1))[0]                   # (V, 24) float64
+    vec = lambda at: rec[:, None, at:at + 3]                                     # (V, 1, 3)
+    r = torch.arange(g.rows, dtype=torch.float64) - (g.rows - 1) / 2.0
+    c = torch.arange(g.cols, dtype=torch.float64) - (g.cols - 1) / 2.0
+    rr, cc = (x.reshape(1, -1, 1) for x in torch.meshgrid(r, c, indexing="ij"))
+    pix = vec(RAY_CENTER) + cc * vec(RAY_U) + rr * vec(RAY_V)                   # (V, P, 3) index space
+    o = vec(RAY_FIRST).expand_as(pix)
+    d_idx = pix - o
+    m = rec[:, RAY_M:RAY_M + 9].reshape(-1, 1, 3, 3)
+    length = (m @ d_idx[..., None]).squeeze(-1).norm(dim=-1)                    # world mm
+    e = d_idx / length[..., None]                                               # index units per mm
     return o.reshape(-1, 3), e.reshape(-1, 3), length.reshape(-1)
 
 
@@ -293,6 +301,23 @@ def loadavg() -> Optional[List[float]]:
         return [round(x, 2) for x in os.getloadavg()]
     except OSError:
         return None
+
+
+def source_info() -> dict:
+    """Which xwin code ran: module path, git commit and whether the projector files differ from it."""
+    import subprocess
+
+    import xwin
+    root = Path(xwin.__file__).resolve().parent.parent
+    info = {"xwin_path": str(root)}
+    try:
+        info["git_head"] = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True,
+                                          text=True, timeout=10).stdout.strip()
+        info["git_dirty"] = subprocess.run(["git", "status", "--porcelain", "kernels", "xwin"], cwd=root,
+                                           capture_output=True, text=True, timeout=10).stdout.split("\n")[:20]
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return info
 
 
 # ---------------------------------------------------------------------------------------------- memory

@@ -10,7 +10,7 @@ the caller set a policy; ``--wait-policy`` overrides it for an A/B):
 * ``siddon`` — ``xwin.kernels.project`` on the CPU (torch reference), float32, the drr_speed case
   "xwin-torch siddon fwd 200² 1 view": the real chest CT if found (as drr_speed), X-WIN pose, 200×200
   detector of 2.0 mm pixels; median of the runs after a warm-up, 3 input sets in turn.
-* ``train`` — ``python -m xwin.train --config tiny --steps N`` (the public CLI); the per-step
+* ``train`` — ``python -m xwin.train --config tiny --steps N --set val.every=0`` (the public CLI); the per-step
   ``step_time`` of its ``metrics.jsonl``, median over the steps after the first two (the first steps fill
   the render cache and warm up the allocator).
 
@@ -105,7 +105,8 @@ def run_train(args, env) -> dict:
     with tempfile.TemporaryDirectory(prefix="xwin_contention_") as tmp:
         out = Path(tmp) / "run"
         cmd = [sys.executable, "-m", "xwin.train", "--config", "tiny", "--steps", str(args.train_steps),
-               "--out", str(out), "--no-progress", "--no-plot", "--no-resume", "--device", "cpu"]
+               "--out", str(out), "--no-progress", "--no-plot", "--no-resume", "--device", "cpu",
+               "--set", "val.every=0"]                   # held-out validation is not part of a step
         t = time.perf_counter()
         p = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=args.timeout, cwd=tmp)
         wall = time.perf_counter() - t
@@ -114,10 +115,10 @@ def run_train(args, env) -> dict:
             tail = (p.stderr or p.stdout).strip().splitlines()[-1:] or [""]
             return {"error": f"exit {p.returncode}: {tail[0][:200]}"}
         rows = [json.loads(ln) for ln in mpath.read_text().splitlines() if ln.strip()]
-    steps = [r["step_time"] for r in rows]
+    steps = [r["step_time"] for r in rows if "step_time" in r]
     return {"times_s": steps[2:] if len(steps) > 3 else steps, "all_step_times_s": steps,
             "render_times_s": [r.get("render_time") for r in rows], "process_wall_s": wall,
-            "command": " ".join(["python"] + cmd[1:4] + cmd[4:6] + ["--out", "<tmp>"] + cmd[8:])}
+            "command": " ".join(["python"] + cmd[1:7] + ["--out", "<tmp>"] + cmd[9:])}
 
 
 WORKLOADS = {"siddon": run_siddon, "train": run_train}
@@ -242,9 +243,11 @@ def main(argv=None):
     meta = {"date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
             "command": " ".join([Path(sys.argv[0]).name] + (sys.argv[1:] if argv is None else list(argv))),
             "cpu": C.cpu_name(), "cpu_count": os.cpu_count(), "torch": torch.__version__,
-            "torch_threads_default": default_threads(child_env(args.wait_policy)),
+            "torch_threads_default": (runs.get("siddon", {}).get("idle", {}).get("torch_threads")
+                                      or default_threads(child_env(args.wait_policy))),
             "omp_wait_policy": (args.wait_policy or os.environ.get("OMP_WAIT_POLICY", "")).upper(),
-            "competitors": args.competitors, "target_ratio": TARGET_RATIO, "wall_s": time.perf_counter() - t_start,
+            "competitors": args.competitors, "source": C.source_info(), "target_ratio": TARGET_RATIO,
+            "wall_s": time.perf_counter() - t_start,
             "note": "load averages include every other job on the machine: 'idle' means no competitor started "
                     "by this script, not a quiet machine"}
     out = Path(args.out) if args.out else results_dir(args.write_tables)

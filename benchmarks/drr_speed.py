@@ -273,21 +273,6 @@ def _guarded(case: Case, vol: Volume, quick: bool) -> dict:
 
 # ---------------------------------------------------------------------------------------------- plan, run, report
 
-def _source_info() -> dict:
-    """Which xwin code ran: module path, git commit and whether the projector files differ from it."""
-    import xwin
-    root = Path(xwin.__file__).resolve().parent.parent
-    info = {"xwin_path": str(root)}
-    try:
-        info["git_head"] = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True,
-                                          text=True, timeout=10).stdout.strip()
-        info["git_dirty"] = subprocess.run(["git", "status", "--porcelain", "kernels", "xwin"], cwd=root,
-                                           capture_output=True, text=True, timeout=10).stdout.split("\n")[:20]
-    except (OSError, subprocess.SubprocessError):
-        pass
-    return info
-
-
 def run_worker(cases: List[Case], cache: Path, quick: bool, timeout: float, threads=None) -> List[dict]:
     """Run ``cases`` one after the other in one fresh subprocess (the full run gives every case its own)."""
     cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", json.dumps([asdict(c) for c in cases]),
@@ -465,7 +450,7 @@ def main(argv=None):
                         "centre, yaw-only poses (1 view: PA; 8 views: yaw -90..90); 3 input sets turned 7° apart",
             "input_sets": INPUT_SETS, "nanodrr_samples_per_ray": NANODRR_SAMPLES,
             "torch_threads": args.threads or torch.get_num_threads(),
-            "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"), "source": _source_info(),
+            "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"), "source": C.source_info(),
             "loadavg_start": C.loadavg()}
     p.out_dir.mkdir(parents=True, exist_ok=True)
     json_path = p.out_dir / f"{p.stem}.json"
