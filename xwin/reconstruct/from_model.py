@@ -176,7 +176,7 @@ def evaluate_ct(pipe: Pipeline, vol, *, methods: Sequence[str], yaws, iterations
     reconstructions (each method, each scale), of the upper bound (each method on the true views) and of the
     lower bound (mean training CT). Returns the metrics and the arrays for the figure."""
 
-    from xwin.decoder import context_image, render_line_integrals, volume_center
+    from xwin.decoder import context_image, model_frontal, render_line_integrals, volume_center
     from xwin.intensity import hu_to_mu
     from xwin.reconstruct import fov_mask
     from xwin.reconstruct.report import image_metrics
@@ -195,7 +195,7 @@ def evaluate_ct(pipe: Pipeline, vol, *, methods: Sequence[str], yaws, iterations
     from xwin.decoder import frontal_scale
 
     s_frontal = frontal_scale(p_true[i0], pipe.meta["decoder_config"]["scale_percentile"])
-    ctx = context_image(p_true[i0], cfg)
+    ctx = context_image(model_frontal(vol, cfg, p_true[i0]), cfg)
     dec = pipe.predict(ctx, yaws)
     s_used = {"frontal": s_frontal, "prior": float(pipe.meta["prior_scale"])}
     others = [i for i in range(len(yaws)) if i != i0]
