@@ -159,7 +159,7 @@ def rtk_iterative(method: str, p: np.ndarray, frame: np.ndarray, g: RTKGeometry,
         f = rtk.ConjugateGradientConeBeamReconstructionFilter[img_t].New()
         f.SetNumberOfIterations(iterations)
     elif method == "admm-tv":
-        f = rtk.ADMMTotalVariationConeBeamReconstructionFilter[img_t, itk.Image[itk.CovariantVector[itk.F, 3], 3]].New()
+        f = rtk.ADMMTotalVariationConeBeamReconstructionFilter[img_t].New()
         f.SetAlpha(tv_weight)
         f.SetBeta(1000.0)
         f.SetAL_iterations(iterations)
