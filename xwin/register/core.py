@@ -1,0 +1,258 @@
+"""2D/3D rigid registration: the pose of a CT's imaging geometry that makes its DRR match an X-ray.
+
+The unknown is a rigid motion of the whole imaging system (:func:`xwin.pose.apply_pose`): an axis-angle
+rotation ``ω`` about a pivot (the CT's centre by default) and a translation ``t`` (mm), applied to the
+initial geometry. Each step renders the DRR with :func:`xwin.kernels.project` (exact Siddon by default),
+scores it against the target with an intensity-mapping-blind similarity
+(:mod:`xwin.register.similarity`), and moves ``(ω, t)`` along the projector's analytic geometry gradient
+with Adam. It runs coarse to fine: a few detector resolutions (the target average-pooled, the detector
+pixels enlarged to match) and, where the enlarged pixels are much larger than a voxel, an average-pooled
+CT; the pose carries over from level to level.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Callable, List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from xwin.errors import XwinError
+from xwin.geometry import Geometry
+from xwin.kernels import project
+from xwin.pose import apply_pose, so3_exp, volume_center
+
+from .similarity import similarity as _similarity
+
+__all__ = ["RegistrationError", "RegistrationResult", "register", "detector_level", "image_level", "volume_level",
+           "default_levels", "compose"]
+
+
+class RegistrationError(XwinError):
+    """Bad input to the registration (target shape, geometry, CT)."""
+
+
+@dataclass
+class RegistrationResult:
+    """The outcome of :func:`register`.
+
+    ``rotation`` (axis-angle, radians) and ``translation`` (mm) are the pose change applied to the initial
+    geometry about ``pivot``; ``geometry`` is the initial geometry moved by it. ``losses`` holds one value
+    per optimiser step (1 − similarity at that step's pose), ``level_of_step`` the pyramid level of each.
+    """
+
+    geometry: Geometry
+    rotation: torch.Tensor
+    translation: torch.Tensor
+    pivot: torch.Tensor
+    losses: List[float] = field(default_factory=list)
+    level_of_step: List[int] = field(default_factory=list)
+    levels: List[dict] = field(default_factory=list)
+    seconds: float = 0.0
+    similarity: str = ""
+
+    def to_dict(self) -> dict:
+        import json
+
+        return {"geometry": json.loads(self.geometry.to_json()),
+                "pose_change": {"rotation_axis_angle_rad": self.rotation.tolist(),
+                                "rotation_deg": math.degrees(float(self.rotation.norm())),
+                                "translation_mm": self.translation.tolist(), "pivot_mm": self.pivot.tolist(),
+                                "convention": "x -> R (x - pivot) + pivot + t applied to the initial geometry; "
+                                              "R = exp([rotation]x)"},
+                "loss_curve": self.losses, "level_of_step": self.level_of_step, "levels": self.levels,
+                "seconds": self.seconds, "similarity": self.similarity}
+
+
+# ------------------------------------------------------------------------------------------ the pyramid
+
+def detector_level(geometry: Geometry, factor: int) -> Geometry:
+    """The detector binned by ``factor`` × ``factor`` (pixels ``factor`` times larger, rows and columns cropped
+    to a multiple of ``factor`` at the far end): the pixel ``(r, c)`` of the result sits at the centre of
+    the block of pixels it averages in :func:`image_level`."""
+    f = int(factor)
+    if f == 1:
+        return geometry
+    rows, cols = geometry.rows // f, geometry.cols // f
+    if rows < 1 or cols < 1:
+        raise RegistrationError(f"detector {geometry.rows}x{geometry.cols} is smaller than the binning {f}")
+    shift_c = (cols * f - geometry.cols) / 2.0
+    shift_r = (rows * f - geometry.rows) / 2.0
+    center = geometry.center + shift_c * geometry.u + shift_r * geometry.v
+    first = geometry.source if geometry.kind == "cone" else geometry.direction
+    build = Geometry.cone if geometry.kind == "cone" else Geometry.parallel
+    return build(first, center, geometry.u * f, geometry.v * f, rows, cols)
+
+
+def image_level(image: torch.Tensor, factor: int) -> torch.Tensor:
+    """(V, H, W) images average-pooled by ``factor`` (cropped like :func:`detector_level`)."""
+    f = int(factor)
+    if f == 1:
+        return image
+    H, W = image.shape[-2] // f * f, image.shape[-1] // f * f
+    return F.avg_pool2d(image[..., :H, :W][:, None], f)[:, 0]
+
+
+def volume_level(volume: torch.Tensor, affine: np.ndarray, factor: int) -> Tuple[torch.Tensor, np.ndarray]:
+    """The CT average-pooled by ``factor`` per axis (cropped to a multiple at the far end) and its affine."""
+    f = int(factor)
+    if f == 1:
+        return volume, affine
+    X, Y, Z = (s // f * f for s in volume.shape)
+    if min(X, Y, Z) < f:
+        return volume, affine
+    pooled = F.avg_pool3d(volume[None, None, :X, :Y, :Z], f)[0, 0]
+    scale = np.eye(4)
+    scale[:3, :3] *= f
+    scale[:3, 3] = (f - 1) / 2.0
+    return pooled.contiguous(), np.asarray(affine, dtype=np.float64) @ scale
+
+
+def _pixel_at_pivot(geometry: Geometry, pivot: torch.Tensor) -> float:
+    """The detector pixel's width projected back to the pivot's depth (mm), for the first view."""
+    px = float(geometry.u[0].norm())
+    if geometry.kind != "cone":
+        return px
+    s, c = geometry.source[0], geometry.center[0]
+    n = torch.linalg.cross(geometry.u[0], geometry.v[0])
+    n = n / n.norm()
+    return px * abs(float(((pivot - s) * n).sum())) / max(abs(float(((c - s) * n).sum())), 1e-9)
+
+
+def default_levels(cols: int, sizes: Sequence[int] = (32, 64, 128), iterations: Sequence[int] = (80, 60, 40)):
+    """(detector binning, iterations) per level: detectors about ``sizes`` pixels wide, capped by ``cols``."""
+    out = []
+    for size, it in zip(sizes, iterations):
+        f = max(1, int(round(cols / size)))
+        if out and out[-1][0] == f:
+            continue
+        out.append((f, it))
+    return out
+
+
+# ------------------------------------------------------------------------------------------ registration
+
+def _check_target(target, geometry: Geometry) -> torch.Tensor:
+    if not isinstance(target, torch.Tensor):
+        target = torch.as_tensor(np.asarray(target))
+    t = target.detach().to(torch.float32)
+    want = (geometry.num_views, geometry.rows, geometry.cols)
+    if t.ndim == 2:
+        t = t[None]
+    if tuple(t.shape) != want:
+        shape = "x".join(str(s) for s in target.shape)
+        raise RegistrationError(f"the target is {shape} but the geometry's detector is {geometry.rows}x{geometry.cols}"
+                                + (f" with {geometry.num_views} views" if geometry.num_views > 1 else ""))
+    if not torch.isfinite(t).all():
+        raise RegistrationError("the target image contains NaN or Inf")
+    return t
+
+
+def register(volume: torch.Tensor, target, init: Geometry, *, affine=None, levels: Optional[Sequence] = None,
+             similarity: str = "ncc+gncc", method: str = "siddon", lr_rotation_deg: float = 1.0,
+             lr_translation_mm: float = 2.0, pivot=None, progress: bool = False, patience: int = 20,
+             callback: Optional[Callable[[int, int, float], None]] = None) -> RegistrationResult:
+    """Find the rigid pose change of ``init`` whose DRR of ``volume`` best matches ``target``.
+
+    Args:
+        volume: (X, Y, Z) attenuation volume (e.g. μ in 1/mm), indexed like nibabel's ``get_fdata()``.
+        target: (rows, cols) image, or (V, rows, cols) for a V-view geometry: line integrals or intensities
+            (any roughly affine, increasing map of line integrals: "bright = dense").
+        init: the initial geometry (world mm of the CT's frame).
+        affine: the CT's voxel → world affine (4, 4); default identity.
+        levels: ``[(detector binning, iterations), ...]`` coarse to fine; default :func:`default_levels`.
+        similarity: ``"ncc+gncc"`` (default: half global NCC, half gradient NCC), ``"ncc"``, ``"gncc"``,
+            ``"mncc"`` (multiscale patch NCC).
+        method: projector method, ``"siddon"`` (exact) or ``"trilinear"``.
+        lr_rotation_deg, lr_translation_mm: Adam step sizes at the first level (halved at every level,
+            cosine-decayed to a tenth within a level).
+        pivot: rotation centre (3,) world mm; default the CT's centre.
+        progress: show a tqdm progress bar.
+        patience: leave a level after this many steps without a better loss.
+        callback: called as ``callback(step, level, loss)`` after every step.
+    """
+    t_start = time.perf_counter()
+    if not isinstance(init, Geometry):
+        raise RegistrationError(f"init must be an xwin.geometry.Geometry, got {type(init).__name__}")
+    if not isinstance(volume, torch.Tensor) or volume.ndim != 3:
+        raise RegistrationError("volume must be an (X, Y, Z) tensor")
+    sim = _similarity(similarity)
+    tgt = _check_target(target, init).to(volume.device)
+    init = init.detach()
+    A = np.eye(4) if affine is None else np.asarray(affine, dtype=np.float64)
+    piv = volume_center(volume.shape, A) if pivot is None else torch.as_tensor(pivot, dtype=torch.float64).reshape(3)
+    levels = list(levels) if levels is not None else default_levels(init.cols)
+    vol = volume.detach().to(torch.float32).contiguous()
+    min_spacing = float(np.linalg.norm(A[:3, :3], axis=0).min())
+    w_deg = torch.zeros(3, dtype=torch.float64, requires_grad=True)    # ω in degrees (axis-angle)
+    t_mm = torch.zeros(3, dtype=torch.float64, requires_grad=True)
+    losses, level_of, info = [], [], []
+    total = sum(int(it) for _, it in levels)
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=total, desc="registering", dynamic_ncols=True)
+    step = 0
+    try:
+        for li, (factor, iters) in enumerate(levels):
+            g_l = detector_level(init, int(factor))
+            t_l = image_level(tgt, int(factor))
+            # a pooled CT where the level's pixels are several voxels wide; the full CT at the last level
+            vfac = 1 if li == len(levels) - 1 else max(1, min(4, int(_pixel_at_pivot(g_l, piv) / min_spacing)))
+            vol_l, aff_l = volume_level(vol, A, vfac)
+            base = (lr_rotation_deg * 0.5 ** li, lr_translation_mm * 0.5 ** li)
+            opt = torch.optim.Adam([{"params": [w_deg], "lr": base[0]}, {"params": [t_mm], "lr": base[1]}])
+            best, since, done = math.inf, 0, 0
+            for k in range(int(iters)):
+                decay = 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * k / max(int(iters), 1)))
+                for group, b in zip(opt.param_groups, base):
+                    group["lr"] = b * decay
+                opt.zero_grad()
+                g = apply_pose(g_l, torch.deg2rad(w_deg), t_mm, piv)
+                drr = project(vol_l, g, affine=aff_l, method=method, check_finite=False)
+                loss = 1.0 - sim(drr, t_l)
+                loss.backward()
+                opt.step()
+                lv = float(loss.detach())
+                losses.append(lv)
+                level_of.append(li)
+                step += 1
+                done += 1
+                if bar is not None:
+                    bar.update(1)
+                    bar.set_postfix(level=f"{li + 1}/{len(levels)}", loss=f"{lv:.4f}")
+                if callback is not None:
+                    callback(step, li, lv)
+                if lv < best - 1e-6:
+                    best, since = lv, 0
+                else:
+                    since += 1
+                    if since >= patience:
+                        break
+            if bar is not None and done < iters:
+                bar.update(int(iters) - done)
+            info.append({"detector_binning": int(factor), "detector": [g_l.rows, g_l.cols], "ct_pooling": vfac,
+                         "steps": done, "final_loss": losses[-1] if losses else None})
+    finally:
+        if bar is not None:
+            bar.close()
+    with torch.no_grad():
+        omega, trans = torch.deg2rad(w_deg.detach()), t_mm.detach().clone()
+        final = apply_pose(init, omega, trans, piv)
+    return RegistrationResult(geometry=final, rotation=omega, translation=trans, pivot=piv, losses=losses,
+                              level_of_step=level_of, levels=info, seconds=time.perf_counter() - t_start,
+                              similarity=similarity)
+
+
+def compose(pose_a: Tuple[torch.Tensor, torch.Tensor], pose_b: Tuple[torch.Tensor, torch.Tensor]):
+    """The pose "a then b" (both about the same pivot): ``(R_b R_a, R_b t_a + t_b)`` as (axis-angle, t)."""
+    from xwin.pose import so3_log
+
+    Ra, Rb = so3_exp(pose_a[0]), so3_exp(pose_b[0])
+    return so3_log(Rb @ Ra), Rb @ torch.as_tensor(pose_a[1], dtype=torch.float64) + torch.as_tensor(pose_b[1],
+                                                                                                  dtype=torch.float64)
