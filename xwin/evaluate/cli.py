@@ -104,6 +104,18 @@ def _features(names, checkpoint, digest, images, images_key, cache_dir, args, lo
     return feats
 
 
+def _macro_fn(yt: Dict[str, np.ndarray], st: Dict[str, np.ndarray]):
+    """Macro AUROC over findings on a resample of test-row indices (NaN if a finding loses a class)."""
+    def macro(idx):
+        vals = []
+        for f in yt:
+            y, s = yt[f][idx], st[f][idx]
+            ok = np.isfinite(y)
+            vals.append(fast_auroc(y[ok], s[ok]))
+        return float(np.mean(vals)) if all(np.isfinite(vals)) else float("nan")
+    return macro
+
+
 def _usable(y: np.ndarray, split: np.ndarray, findings: Sequence[str]) -> List[int]:
     """Findings with both classes in train and in test (others dropped with a warning naming the split)."""
     keep = []
@@ -150,7 +162,7 @@ def run_evaluation(images: np.ndarray, y: np.ndarray, findings: Sequence[str], s
     rows: List[Dict] = []
     t0 = time.perf_counter()
     if "linear" in args.mode and keep:
-        lin, curves = {}, {}
+        lin, curves, macros = {}, {}, {}
         for enc, x in feats.items():
             per, scores = {}, {}
             for j in keep:
@@ -165,15 +177,18 @@ def run_evaluation(images: np.ndarray, y: np.ndarray, findings: Sequence[str], s
             yt = {f: y[test, j] for j, f in zip(keep, [findings[j] for j in keep])}
             st = {f: scores[f][test] for f in yt}
 
-            def macro(idx, yt=yt, st=st):
-                vals = [fast_auroc(yt[f][idx][np.isfinite(yt[f][idx])], st[f][idx][np.isfinite(yt[f][idx])]) for f in yt]
-                return float(np.mean(vals)) if all(np.isfinite(vals)) else float("nan")
-
+            macro = _macro_fn(yt, st)
+            macros[enc] = macro
             m = float(np.mean([per[f]["auroc"] for f in per]))
             lin[enc] = {"findings": per, "macro": {"auroc": m, "ci95": bootstrap_ci(macro, patients[test], args.bootstrap,
                                                                                      args.seed)}}
             curves[enc] = {f: (yt[f][np.isfinite(yt[f])], st[f][np.isfinite(yt[f])]) for f in yt}
         metrics["linear"] = lin
+        if "random" in macros:  # paired: the same patient resamples for both encoders
+            for enc in [e for e in macros if e != "random"]:
+                d = (lambda i, a=macros[enc], b=macros["random"]: a(i) - b(i))
+                lin[enc]["macro_minus_random"] = {"delta": lin[enc]["macro"]["auroc"] - lin["random"]["macro"]["auroc"],
+                                                  "ci95": bootstrap_ci(d, patients[test], args.bootstrap, args.seed)}
         metrics["linear_seconds"] = time.perf_counter() - t0
         if args.plot:
             plot_linear(curves, lin, out_dir / "roc_auroc.png", title or "linear probe")
@@ -327,7 +342,9 @@ def _print_table(m: dict, log) -> None:
     for enc, v in m.get("linear", {}).items():
         cells = [f"{f} {d['auroc']:.3f}" for f, d in v["findings"].items()]
         ci = v["macro"]["ci95"]
-        log(f"linear {enc:7s} macro AUROC {v['macro']['auroc']:.3f} [{ci[0]:.3f}, {ci[1]:.3f}]  " + "  ".join(cells))
+        gain = v.get("macro_minus_random")
+        g = f" (vs random {gain['delta']:+.3f} [{gain['ci95'][0]:+.3f}, {gain['ci95'][1]:+.3f}])" if gain else ""
+        log(f"linear {enc:7s} macro AUROC {v['macro']['auroc']:.3f} [{ci[0]:.3f}, {ci[1]:.3f}]{g}  " + "  ".join(cells))
     for enc, v in m.get("fewshot", {}).items():
         log(f"fewshot {enc:7s} " + "  ".join(f"{k}-shot {d['macro']['mean']:.3f}±{d['macro']['sd']:.3f}" for k, d in v.items()))
     for enc, v in m.get("anatomy", {}).items():
