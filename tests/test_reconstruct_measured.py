@@ -160,13 +160,13 @@ def test_cli_reconstructs_an_rtk_stack_with_its_xml_geometry(rtk_case, tmp_path)
 
 
 def test_cli_json_geometry_iterative_and_shape_grid(rtk_case, tmp_path):
-    from xwin.reconstruct.rtk import geometry_to_json, load_geometry
+    from xwin.reconstruct.rtk import load_geometry
     from xwin.io import load_projections
 
     d = rtk_case
     st = load_projections(d / "proj.mha")
     g, _ = load_geometry(d / "geom.xml", rows=20, cols=48, index_to_physical=st.index_to_physical)
-    (tmp_path / "g.json").write_text(geometry_to_json(g))
+    (tmp_path / "g.json").write_text(g.to_json())
     status, out, err = _cli(["--projections", str(d / "proj.mha"), "--geometry", str(tmp_path / "g.json"),
                              "--method", "sirt", "--iterations", "3", "--shape", "32", "32", "12", "--spacing", "9",
                              "--center", "0", "0", "0", "--truth", str(d / "truth_mu.nii.gz"), "--values", "mu",

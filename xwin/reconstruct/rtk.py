@@ -24,14 +24,12 @@ RTK's conventions, as its documentation (``documentation/docs/Geometry.md``) and
   :func:`read_rtk_geometry` recomputes it from the parameters and refuses a file whose matrices disagree
   (by more than 1e-3, RTK's own tolerance), which catches a misread file.
 
-Geometry JSON (the schema of DESIGN.md): ``{"type": "cone"|"parallel", "rows", "cols", "source"|"direction",
-"center", "u", "v"}`` (one 3-vector per view, world mm of the volume's RAS+ frame), optionally under a
-``"geometry"`` key (xwin's metrics files); :func:`geometry_from_json` / :func:`geometry_to_json`.
+:func:`load_geometry` reads either an RTK XML file or xwin's geometry JSON (``Geometry.from_json``, the schema
+of DESIGN.md: type, rows, cols, source|direction, center, u, v in world mm of the volume's RAS+ frame).
 """
 
 from __future__ import annotations
 
-import json
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -45,7 +43,7 @@ from xwin.io import XwinIOError
 from xwin.io.projections import LPS_TO_RAS
 
 __all__ = ["RTKGeometry", "PARAM_ORDER", "read_rtk_geometry", "write_rtk_geometry", "rtk_rotations", "rtk_matrices",
-           "rtk_to_vector", "geometry_from_json", "geometry_to_json", "load_geometry", "centered_detector_frame"]
+           "rtk_to_vector", "load_geometry", "centered_detector_frame"]
 
 _PARAMS = {  # XML element -> field
     "SourceToIsocenterDistance": "sid", "SourceToDetectorDistance": "sdd", "GantryAngle": "gantry",
@@ -263,38 +261,7 @@ def write_rtk_geometry(g: RTKGeometry, path: Union[str, Path]) -> None:
     Path(path).write_text("\n".join(lines) + "\n")
 
 
-# ---------------------------------------------------------------------------------------- JSON
-
-def geometry_to_json(g: Geometry) -> str:
-    """xwin's geometry JSON (DESIGN.md): type, rows, cols, source|direction, center, u, v."""
-    d = {"type": g.kind, "rows": g.rows, "cols": g.cols}
-    d["source" if g.kind == "cone" else "direction"] = (g.source if g.kind == "cone" else g.direction).cpu().tolist()
-    d.update(center=g.center.cpu().tolist(), u=g.u.cpu().tolist(), v=g.v.cpu().tolist())
-    return json.dumps(d)
-
-
-def geometry_from_json(text: Union[str, dict]) -> Geometry:
-    """The :class:`Geometry` of a JSON text or dict in xwin's schema (also under a "geometry" key, and the
-    ``Geometry.as_dict`` spelling "kind" for "type")."""
-    d = json.loads(text) if isinstance(text, str) else text
-    if isinstance(d, dict) and "geometry" in d and isinstance(d["geometry"], dict):
-        d = d["geometry"]
-    if not isinstance(d, dict):
-        raise GeometryError("geometry JSON must be an object")
-    kind = d.get("type", d.get("kind"))
-    if kind not in ("cone", "parallel"):
-        raise GeometryError(f"geometry JSON: \"type\" must be \"cone\" or \"parallel\", got {kind!r}")
-    first = "source" if kind == "cone" else "direction"
-    missing = [k for k in ("rows", "cols", first, "center", "u", "v") if k not in d]
-    if missing:
-        raise GeometryError(f"geometry JSON ({kind}) lacks {', '.join(missing)}")
-    try:
-        rows, cols = int(d["rows"]), int(d["cols"])
-    except (TypeError, ValueError) as e:
-        raise GeometryError(f"geometry JSON: rows/cols must be integers, got {d['rows']!r}, {d['cols']!r}") from e
-    build = Geometry.cone if kind == "cone" else Geometry.parallel
-    return build(d[first], d["center"], d["u"], d["v"], rows, cols)
-
+# ---------------------------------------------------------------------------------------- files
 
 def load_geometry(path: Union[str, Path], *, rows: int, cols: int, index_to_physical: Optional[np.ndarray] = None,
                   pixel_size=None) -> tuple:
@@ -327,8 +294,8 @@ def load_geometry(path: Union[str, Path], *, rows: int, cols: int, index_to_phys
             desc[f] = _const(getattr(rg, f))
     else:
         try:
-            g = geometry_from_json(p.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            g = Geometry.from_json(p.read_text())
+        except UnicodeDecodeError as e:
             raise XwinIOError(f"geometry {str(p)!r} is neither RTK XML nor JSON: {e}") from e
         desc = {"format": "xwin-json", "path": str(p), "views": g.num_views}
     if (g.rows, g.cols) != (rows, cols):
