@@ -107,3 +107,16 @@ def test_random_pose_respects_its_bounds():
     for _ in range(20):
         w, t = random_pose(10.0, 5.0, gen)
         assert w.norm() <= math.radians(10.0) + 1e-12 and t.norm() <= 5.0 + 1e-12
+
+
+def test_mtre_between_geometries_equals_the_pose_mtre():
+    from xwin.pose import mtre_geometries
+
+    g = xwin_pose(20.0, -4.0, 2.0, size=8, pixel_size=3.0, isocenter=(10.0, -5.0, 3.0))
+    c = torch.tensor([10.0, -5.0, 3.0], dtype=torch.float64)
+    pts = volume_corners((20, 22, 18), np.diag([2.0, 2.0, 2.5, 1.0]))
+    w, t = torch.tensor([0.02, -0.05, 0.03], dtype=torch.float64), torch.tensor([2.0, 1.0, -3.0], dtype=torch.float64)
+    zero = torch.zeros(3, dtype=torch.float64)
+    got = mtre_geometries(apply_pose(g, w, t, c), g, pts)
+    assert got.item() == pytest.approx(mtre((w, t), (zero, zero), pts, c).item(), rel=1e-10)
+    assert mtre_geometries(g, g, pts).item() == pytest.approx(0.0, abs=1e-9)

@@ -23,7 +23,7 @@ import torch
 from .geometry import Geometry
 
 __all__ = ["so3_exp", "so3_log", "apply_pose", "volume_center", "rotation_distance", "translation_distance",
-           "pose_points", "mtre", "volume_corners", "random_pose"]
+           "pose_points", "mtre", "volume_corners", "random_pose", "camera_frame", "mtre_geometries"]
 
 ArrayLike = Union[torch.Tensor, Sequence[float], np.ndarray]
 
@@ -165,3 +165,29 @@ def random_pose(max_degrees: float, max_mm: float, generator: Optional[torch.Gen
     ang = math.radians(max_degrees) * float(torch.rand((), generator=generator, dtype=torch.float64))
     dist = max_mm * float(torch.rand((), generator=generator, dtype=torch.float64))
     return direction() * ang, direction() * dist
+
+
+def camera_frame(geometry: Geometry, view: int = 0) -> torch.Tensor:
+    """4×4 camera→world matrix of a cone-beam view: origin at the source, axes (u/|u|, v/|v|, n) with n the
+    detector normal pointing from the source to the detector."""
+    if geometry.kind != "cone":
+        raise ValueError("camera_frame needs a cone-beam geometry")
+    S, C = geometry.source[view].detach(), geometry.center[view].detach()
+    u = geometry.u[view].detach() / geometry.u[view].detach().norm()
+    v = geometry.v[view].detach() / geometry.v[view].detach().norm()
+    n = torch.linalg.cross(u, v)
+    n = n * torch.sign((n * (C - S)).sum())
+    F_ = torch.eye(4, dtype=torch.float64)
+    F_[:3, :3] = torch.stack([u, v, n], 1)
+    F_[:3, 3] = S
+    return F_
+
+
+def mtre_geometries(estimate: Geometry, truth: Geometry, points: ArrayLike, view: int = 0) -> torch.Tensor:
+    """mTRE (mm) between two cone-beam views: with ``D`` the rigid motion taking the true camera frame to the
+    estimated one, the mean of ``|D⁻¹ x − x|`` over the CT points ``x`` (how far the CT would have to move to
+    explain the estimate). Equals :func:`mtre` of the pose for ``estimate = apply_pose(truth, pose)``."""
+    D = camera_frame(estimate, view) @ torch.linalg.inv(camera_frame(truth, view))
+    p = _vec(points).reshape(-1, 3)
+    back = (p - D[:3, 3]) @ D[:3, :3]
+    return (back - p).norm(dim=-1).mean()
