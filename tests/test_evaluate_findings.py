@@ -84,7 +84,7 @@ def test_cli_benchmark(tmp_path, capsys):
     assert rc == 0, err
     m = json.loads((out / "metrics.json").read_text())
     assert set(m["anatomy"]) == {"xwin", "random", "pixels"}
-    assert set(m["anatomy"]["xwin"]) == set(ANATOMY_TARGETS)
+    assert set(m["anatomy"]["xwin"]) == set(ANATOMY_TARGETS) == set(m["anatomy_family_only_r2"])
     assert m["benchmark"]["patients"] == 10 and m["patients"]["test"] >= 1
     assert sum(m["images"].values()) == 20
     assert (out / "predictions.csv").is_file() and not list(out.glob(".partial-*"))

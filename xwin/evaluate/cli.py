@@ -334,8 +334,22 @@ def _benchmark_mode(args, ckpt: Path, log) -> None:
                   "findings": bench["findings"], "render_seconds": render_s, "seconds": time.perf_counter() - t0,
                   "anatomy_target_ranges": {t: [float(bench["targets"][:, k].min()), float(bench["targets"][:, k].max())]
                                             for k, t in enumerate(bench["target_names"])}})
+        m["anatomy_family_only_r2"] = _family_only_r2(bench, split)
         write_json(m, tmp / "metrics.json")
     _print_table(m, log)
+
+
+def _family_only_r2(bench: dict, split: np.ndarray) -> Dict[str, float]:
+    """Reference for the anatomy probe: test R² of predicting each target by the mean of its patient family
+    (deformed sample CT or phantom) on train + val, i.e. what knowing only the family explains."""
+    fam = np.asarray([str(p).split("-")[0] for p in bench["patients"]])
+    fit, te = split != "test", split == "test"
+    out = {}
+    for k, name in enumerate(bench["target_names"]):
+        t = bench["targets"][:, k]
+        pred = np.asarray([t[fit & (fam == f)].mean() if (fit & (fam == f)).any() else t[fit].mean() for f in fam])
+        out[name] = _r2(t[te], pred[te])
+    return out
 
 
 def _print_table(m: dict, log) -> None:
@@ -349,6 +363,8 @@ def _print_table(m: dict, log) -> None:
         log(f"fewshot {enc:7s} " + "  ".join(f"{k}-shot {d['macro']['mean']:.3f}±{d['macro']['sd']:.3f}" for k, d in v.items()))
     for enc, v in m.get("anatomy", {}).items():
         log(f"anatomy {enc:7s} R² " + "  ".join(f"{t} {d['r2']:.3f}" for t, d in v.items()))
+    if "anatomy_family_only_r2" in m:
+        log("anatomy family-only R² " + "  ".join(f"{t} {r:.3f}" for t, r in m["anatomy_family_only_r2"].items()))
 
 
 # ----------------------------------------------------------------------------------------- CLI
