@@ -302,6 +302,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--scale", choices=("frontal", "prior"), default=None,
                    help="s of the decoded views: from the input's frontal line integrals (default with --ct) or the "
                         "training prior (the only choice with --image)")
+    p.add_argument("--scales", default="frontal,prior", help="with --ct / --heldout: the scales s to evaluate the "
+                   "decoded views with, comma separated (frontal, prior); the written volume uses --scale")
     p.add_argument("--yaw-step", type=float, default=None, help="yaw spacing of the predicted views (default: the "
                    "world model's action grid)")
     p.add_argument("--iterations", type=int, default=20, help="iterations of sirt / tv")
@@ -341,8 +343,12 @@ def run_ct(pipe: Pipeline, vol, args, label: str, mean_cache: Optional[dict] = N
         if key not in mean_cache:
             mean_cache[key] = mean_training_ct(pipe.cfg, grid.affine)
         mean_ct = mean_cache[key]
+    scales = [x.strip() for x in args.scales.split(",") if x.strip()]
+    if not scales or set(scales) - {"frontal", "prior"}:
+        raise FromModelError(f"--scales must list frontal and/or prior, got {args.scales!r}")
+    scales = [scale] + [x for x in scales if x != scale]          # the written scale first (the figure's)
     out = evaluate_ct(pipe, grid, methods=methods, yaws=pipe.yaws(args.yaw_step), iterations=args.iterations,
-                      mean_ct=mean_ct, log=lambda m: print(m, file=sys.stderr))
+                      mean_ct=mean_ct, scales=tuple(scales), log=lambda m: print(m, file=sys.stderr))
     m, a = out["metrics"], out["arrays"]
     os.makedirs(args.out, exist_ok=True)
     rec = a["recs"][(scale, methods[0])]
