@@ -143,26 +143,10 @@ def _trilinear_ray_grads(padvol, rb, w, shape, dt):
         oi, ei, t0i = o[ids], e[ids], t0[ids]
         L = t1[ids] - t0i
         p = oi + t0i[:, None] * ei
-        kmax = int(torch.ceil(L.max() / dt).item()) + 1
-        K = max(1, min(kmax, R._TRILINEAR_BUDGET // max(ids.numel(), 1)))
-        sY, sZ, offsets = R.padded_strides(shape)
         Gi, Hi, Fi = G[ids], H[ids], F[ids]
-        for k0 in range(0, kmax, K):
-            k = torch.arange(k0, min(kmax, k0 + K), device=dev, dtype=cdt)
-            t = (k[None, :] + 0.5) * dt
-            inside = (t < L[:, None]).to(cdt)
-            ws, flat = [], None
-            for a, (nn, stride) in enumerate(zip(shape, (sY, sZ, 1))):
-                q = p[:, a, None] + t * ei[:, a, None]
-                i0 = torch.floor(q)
-                f = q - i0
-                ws.append((1 - f, f))
-                ip = i0.clamp_(-1, nn - 1).add_(1).double()
-                flat = ip.mul_(stride) if flat is None else flat.add_(ip.mul_(stride))
-            flat = flat.long()
+        for t, inside, ws, flat, offsets in R.sample_blocks(p, ei, L, shape, dt):
             v = [padvol[off:].take(flat) for off in offsets]              # corner (a, b, c) at 4a + 2b + c
-            (wx0, wx1), (wy0, wy1), (wz0, wz1) = ws
-            wx, wy, wz = (wx0, wx1), (wy0, wy1), (wz0, wz1)
+            wx, wy, wz = ws
             fval = sum(v[4 * a + 2 * b + c] * wx[a] * wy[b] * wz[c] for a in (0, 1) for b in (0, 1) for c in (0, 1))
             dfx = sum((v[4 + 2 * b + c] - v[2 * b + c]) * wy[b] * wz[c] for b in (0, 1) for c in (0, 1))
             dfy = sum((v[4 * a + 2 + c] - v[4 * a + c]) * wx[a] * wz[c] for a in (0, 1) for c in (0, 1))

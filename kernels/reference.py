@@ -237,14 +237,29 @@ def trilinear_samples(o, e, tlo, thi, shape, dt: float):
     o, e, t0, t1 = o[ids], e[ids], t0[ids], t1[ids]
     L = t1 - t0
     p = o + t0[:, None] * e
+    for t, inside, ws, flat, offsets in sample_blocks(p, e, L, shape, dt):
+        inside = inside * dt
+        out_w = []
+        for da in (0, 1):
+            for db in (0, 1):
+                wab = ws[0][da] * ws[1][db]
+                for dc in (0, 1):
+                    out_w.append(wab * ws[2][dc] * inside)
+        yield ids, flat, out_w, offsets
+
+
+def sample_blocks(p, e, L, shape, dt: float):
+    """Midpoint samples ``t = (k + ½)·dt`` (relative to the entry points ``p``) of rays of lengths ``L``, in
+    cache-sized blocks: yield (t (R, K), inside (R, K) 0/1, per-axis weights [(1 − f, f)] × 3, flat index
+    (R, K) of corner (0, 0, 0) in the zero-padded volume, the 8 corner offsets (corner (a, b, c) at 4a+2b+c))."""
+    dev, cdt = p.device, p.dtype
     kmax = int(torch.ceil(L.max() / dt).item()) + 1
-    R = ids.numel()
-    K = max(1, min(kmax, _TRILINEAR_BUDGET // max(R, 1)))
+    K = max(1, min(kmax, _TRILINEAR_BUDGET // max(p.shape[0], 1)))
     sY, sZ, offsets = padded_strides(shape)
     for k0 in range(0, kmax, K):
         k = torch.arange(k0, min(kmax, k0 + K), device=dev, dtype=cdt)
         t = (k[None, :] + 0.5) * dt                                  # (R, K)
-        inside = (t < L[:, None]).to(cdt) * dt
+        inside = (t < L[:, None]).to(cdt)
         ws, flat = [], None
         for a, (n, stride) in enumerate(zip(shape, (sY, sZ, 1))):
             q = p[:, a, None] + t * e[:, a, None]
@@ -255,14 +270,7 @@ def trilinear_samples(o, e, tlo, thi, shape, dt: float):
             # only matters for samples past the end of the ray; float64 keeps the flat index exact
             ip = i0.clamp_(-1, n - 1).add_(1).double()
             flat = ip.mul_(stride) if flat is None else flat.add_(ip.mul_(stride))
-        flat = flat.long()
-        out_w = []
-        for da in (0, 1):
-            for db in (0, 1):
-                wab = ws[0][da] * ws[1][db]
-                for dc in (0, 1):
-                    out_w.append(wab * ws[2][dc] * inside)
-        yield ids, flat, out_w, offsets
+        yield t, inside, ws, flat.long(), offsets
 
 
 @contextlib.contextmanager

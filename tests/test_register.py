@@ -55,7 +55,6 @@ def test_register_recovers_a_perturbed_pose(small_ct):
     after = float(mtre(compose(pert, (res.rotation, res.translation)), (ZERO, ZERO), pts, c))
     assert before > 5.0
     # measured: 7.9 mm -> 0.04 mm; the final geometry reproduces the target
-    print(f"mTRE {before:.2f} mm -> {after:.3f} mm")
     assert after < 0.5, (before, after)
     assert res.losses[-1] < 0.1 * res.losses[0]
     torch.testing.assert_close(res.geometry.source, truth.source, atol=1.0, rtol=0)
