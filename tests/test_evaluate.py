@@ -227,7 +227,8 @@ def test_cli_labels_end_to_end_and_cache(chexpert, ckpt, tmp_path, capsys):
 def test_cli_bad_inputs(chexpert, ckpt, tmp_path, capsys):
     csv_path, root = chexpert
     out = tmp_path / "bad"
-    base = ["--checkpoint", ckpt, "--images", root, "--out", out, "--bootstrap", "10", "--no-progress", "--no-plot"]
+    base = ["--checkpoint", ckpt, "--images", root, "--out", out, "--bootstrap", "10", "--no-progress", "--no-plot",
+            "--encoders", "pixels"]  # input handling does not depend on the encoder
     # a missing image: one line naming it, nothing created
     rows = list(csv.reader(open(csv_path)))
     rows[3][0] = "CheXpert-v1.0-small/train/patient99999/study1/gone.png"
@@ -250,7 +251,7 @@ def test_cli_bad_inputs(chexpert, ckpt, tmp_path, capsys):
     rc, _, err = _cli(base + ["--labels", nopos, "--findings", "Cardiomegaly", "Edema", "--out", tmp_path / "b3"], capsys)
     assert rc == 0 and "'Edema'" in err and "single class" in err
     m = json.loads((tmp_path / "b3" / "metrics.json").read_text())
-    assert "Edema" not in m["linear"]["xwin"]["findings"]
+    assert "Edema" not in m["linear"]["pixels"]["findings"]
     # only that finding: nothing to evaluate -> error, no half-written folder
     rc, _, err = _cli(base + ["--labels", nopos, "--findings", "Edema", "--out", tmp_path / "b4"], capsys)
     assert rc == 2 and "nothing to evaluate" in err and not (tmp_path / "b4" / "metrics.json").exists()

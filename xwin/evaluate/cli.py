@@ -147,14 +147,18 @@ def run_evaluation(images: np.ndarray, y: np.ndarray, findings: Sequence[str], s
                    images_key: str, cache_dir: Path, out_dir: Path, args, targets: Optional[np.ndarray] = None,
                    target_names: Sequence[str] = (), title: str = "", log=print) -> dict:
     """Features, probes, statistics and files (written into ``out_dir``); returns the metrics dict."""
-    digest = file_digest(checkpoint)
-    feats = _features(args.encoders, checkpoint, digest, images, images_key, cache_dir, args, log)
-    width = next((f.shape[1] for n, f in feats.items() if n != "pixels"), 192)
-    if "pixels" in feats:
-        feats["pixels"] = pca_fit(feats["pixels"], split, width)
     keep = _usable(y, split, findings)
     if not keep and targets is None:
         raise XwinError("no finding has both classes in the train and test splits: nothing to evaluate")
+    digest = file_digest(checkpoint)
+    feats = _features(args.encoders, checkpoint, digest, images, images_key, cache_dir, args, log)
+    width = next((f.shape[1] for n, f in feats.items() if n != "pixels"), None)
+    if "pixels" in feats:
+        if width is None:  # pixels alone: the encoder's width all the same
+            from ..model import load_encoder
+
+            width = int(load_encoder(checkpoint, which=args.which).embed_dim)
+        feats["pixels"] = pca_fit(feats["pixels"], split, width)
     patients = np.asarray(patients)
     test = split == "test"
     metrics: Dict = {"counts": _counts(y, split, findings), "images": {s: int((split == s).sum()) for s in SPLITS},
