@@ -40,7 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="image similarity (default: half global NCC, half gradient NCC)")
     ap.add_argument("--method", default="siddon", choices=("siddon", "trilinear"), help="projector (default siddon)")
     ap.add_argument("--levels", default=None, metavar="W:N,...",
-                    help="coarse-to-fine levels as detector-width:iterations, e.g. 32:80,64:60,128:40 (default)")
+                    help="coarse-to-fine levels as detector-width:iterations (default 32:80,64:50,128:30)")
     ap.add_argument("--lr-rotation", type=float, default=1.0, help="Adam step for the rotation, degrees (default 1)")
     ap.add_argument("--lr-translation", type=float, default=2.0, help="Adam step for the translation, mm (default 2)")
     ap.add_argument("--pivot", default=None, metavar="X,Y,Z", help="rotation centre, world mm (default: CT centre)")

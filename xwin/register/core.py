@@ -123,7 +123,7 @@ def _pixel_at_pivot(geometry: Geometry, pivot: torch.Tensor) -> float:
     return px * abs(float(((pivot - s) * n).sum())) / max(abs(float(((c - s) * n).sum())), 1e-9)
 
 
-def default_levels(cols: int, sizes: Sequence[int] = (32, 64, 128), iterations: Sequence[int] = (80, 60, 40)):
+def default_levels(cols: int, sizes: Sequence[int] = (32, 64, 128), iterations: Sequence[int] = (80, 50, 30)):
     """(detector binning, iterations) per level: detectors about ``sizes`` pixels wide, capped by ``cols``."""
     out = []
     for size, it in zip(sizes, iterations):
@@ -154,7 +154,7 @@ def _check_target(target, geometry: Geometry) -> torch.Tensor:
 
 def register(volume: torch.Tensor, target, init: Geometry, *, affine=None, levels: Optional[Sequence] = None,
              similarity: str = "ncc+gncc", method: str = "siddon", lr_rotation_deg: float = 1.0,
-             lr_translation_mm: float = 2.0, pivot=None, progress: bool = False, patience: int = 20,
+             lr_translation_mm: float = 2.0, pivot=None, progress: bool = False, patience: int = 15,
              callback: Optional[Callable[[int, int, float], None]] = None) -> RegistrationResult:
     """Find the rigid pose change of ``init`` whose DRR of ``volume`` best matches ``target``.
 
@@ -172,7 +172,7 @@ def register(volume: torch.Tensor, target, init: Geometry, *, affine=None, level
             cosine-decayed to a tenth within a level).
         pivot: rotation centre (3,) world mm; default the CT's centre.
         progress: show a tqdm progress bar.
-        patience: leave a level after this many steps without a better loss.
+        patience: leave a level after this many steps without a better loss (not before 2 × patience steps).
         callback: called as ``callback(step, level, loss)`` after every step.
     """
     t_start = time.perf_counter()
@@ -232,7 +232,7 @@ def register(volume: torch.Tensor, target, init: Geometry, *, affine=None, level
                     best, since = lv, 0
                 else:
                     since += 1
-                    if since >= patience:
+                    if since >= patience and k >= 2 * patience:
                         break
             if bar is not None and done < iters:
                 bar.update(int(iters) - done)
