@@ -3,7 +3,7 @@
 The findings benchmark of ``python -m xwin.evaluate --benchmark findings`` needs no outside data:
 
 * **Patients** are held-out procedural phantoms (seeds far from the ones pretraining uses, nodules off)
-  and deformed copies of the embedded sample CT (:mod:`xwin.deform`), each with a structure map
+  and deformed copies of the embedded sample CT (:mod:`xwin.deform`, deformation seeds from 10^7 on), each with a structure map
   (lungs, heart) that follows the same deformation. Every patient has its own anatomy; a patient gives
   ``images_per_patient`` radiographs, each with its own random findings (so splits must be by patient).
 * **Findings**, each a binary label, inserted into the CT (HU) before rendering:
@@ -39,7 +39,10 @@ __all__ = ["FINDINGS", "ANATOMY_TARGETS", "BenchmarkConfig", "Patient", "make_pa
            "anatomy_targets", "build_benchmark", "phantom_structures"]
 
 #: Bumped whenever the generated images or labels change for the same settings (part of the cache key).
-BENCHMARK_VERSION = 2
+BENCHMARK_VERSION = 3
+
+#: First deformation seed of the benchmark's patients (pretraining's deformed sample copies use 1..k).
+DEFORM_SEED0 = 10_000_000
 
 FINDINGS = ("nodule", "effusion", "cardiomegaly", "pneumothorax")
 ANATOMY_TARGETS = ("ap_depth_mm", "heart_ap_mm", "heart_volume_ml", "lung_volume_ml")
@@ -62,6 +65,7 @@ class BenchmarkConfig:
     ct_spacing: Tuple[float, float, float] = (5.0, 5.0, 5.0)
     render: Dict = field(default_factory=dict)   # xwin.render.RenderConfig entries (the training config's)
     img_size: Optional[int] = None        # encoder input size (default: render size)
+    density: str = "mu"                   # what is rendered: "mu" (hu_to_mu) or "density" (hu_to_density), as trained
 
     def validate(self) -> None:
         if self.patients < 6:
@@ -70,6 +74,8 @@ class BenchmarkConfig:
             raise BenchmarkError("images_per_patient must be >= 1")
         if not 0.0 <= self.sample_fraction <= 1.0:
             raise BenchmarkError(f"sample_fraction must lie in [0, 1], got {self.sample_fraction}")
+        if self.density not in ("mu", "density"):
+            raise BenchmarkError(f"density must be 'mu' or 'density', got {self.density!r}")
         if not 0.0 < self.prevalence < 1.0:
             raise BenchmarkError(f"prevalence must lie in (0, 1), got {self.prevalence}")
 
@@ -151,7 +157,8 @@ def make_patient(index: int, cfg: BenchmarkConfig) -> Patient:
         seed = cfg.phantom_seed0 + index
         ct, masks = phantom_structures(shape, spacing, seed)
         lung, heart, pid = masks["lung"], masks["heart"], f"phantom-{seed}"
-    d = random_deformation(ct, seed=cfg.seed * 1_000_003 + index, strength=cfg.deform_strength)
+    # deformation seeds far from the small seeds pretraining uses for its deformed sample copies (1..k)
+    d = random_deformation(ct, seed=DEFORM_SEED0 + cfg.seed * 100_003 + index, strength=cfg.deform_strength)
     codes = Volume(lung.long() + 2 * heart.long(), ct.affine)
     hu, codes = d.apply(ct), d.apply(codes)
     x = torch.as_tensor(hu.voxel_to_world(np.stack([np.arange(shape[0]), np.zeros(shape[0]), np.zeros(shape[0])], 1))[:, 0])
@@ -309,13 +316,14 @@ class _MuCT:
 
 def _render_frontal(vols: Sequence[Volume], cfg: BenchmarkConfig) -> torch.Tensor:
     """Frontal (action 0) views with the training pose and normalisation, (V, S, S) float32 in [0, 1]."""
-    from .intensity import hu_to_mu
+    from .intensity import hu_to_density, hu_to_mu
     from .render import Renderer, RenderConfig
 
     rc = dict(cfg.render)
     rc["cache"] = False
     renderer = Renderer(RenderConfig.from_dict(rc), img_size=cfg.img_size)
-    items = [_MuCT(hu_to_mu(v.data.float()).contiguous(), v.affine, i) for i, v in enumerate(vols)]
+    to_att = hu_to_mu if cfg.density == "mu" else hu_to_density
+    items = [_MuCT(to_att(v.data.float()).contiguous(), v.affine, i) for i, v in enumerate(vols)]
     ctx, _ = renderer.render(items, torch.zeros(len(items), 1, 3, dtype=torch.float64))
     return ctx[:, 0].float().cpu()
 

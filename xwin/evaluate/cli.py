@@ -297,7 +297,8 @@ def _benchmark_mode(args, ckpt: Path, log) -> None:
     bc = BenchmarkConfig(patients=args.patients, images_per_patient=args.images_per_patient, seed=args.seed,
                          prevalence=args.prevalence, ct_shape=tuple(data.get("ct_shape", (64, 64, 64))),
                          ct_spacing=tuple(np.broadcast_to(np.asarray(data.get("ct_spacing", 5.0), float), (3,)).tolist()),
-                         render={k: v for k, v in tc.get("render", {}).items()}, img_size=model.get("img_size"))
+                         render={k: v for k, v in tc.get("render", {}).items()}, img_size=model.get("img_size"),
+                         density=data.get("density", "mu"))
     bc.validate()
     out = Path(args.out)
     cache_dir = out / "cache"
