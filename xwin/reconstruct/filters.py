@@ -256,17 +256,20 @@ def fdk_weights(geometry: Geometry, orbit: Optional[Orbit] = None, measured: Opt
     u, v = g.u.numpy(), g.v.numpy()
     n = np.cross(u, v)
     n /= np.linalg.norm(n, axis=1, keepdims=True)
-    pix = g.pixel_positions().numpy()                                   # (V, R, C, 3)
     if g.kind == "cone":
         S = g.source.numpy()
         n *= np.sign(((g.center.numpy() - S) * n).sum(1))[:, None]
         sdd = ((g.center.numpy() - S) * n).sum(1)                      # (V,)
-        dist = np.linalg.norm(pix - S[:, None, None, :], axis=-1)      # (V, R, C)
-        cosw = sdd[:, None, None] / dist
         # in-plane fan angle of every column (through the principal point's row)
         F = S + sdd[:, None] * n
         rowF = np.clip(np.round(((F - g.center.numpy()) * v).sum(1) / (v * v).sum(1) + (R - 1) / 2), 0, R - 1)
-        P = pix[np.arange(V), rowF.astype(int)]                        # (V, C, 3)
+        cosw = np.empty((V, R, C))
+        P = np.empty((V, C, 3))
+        for b0 in range(0, V, 16):          # pixel positions a block of views at a time: bounded memory
+            idx = list(range(b0, min(V, b0 + 16)))
+            pix = g[idx].pixel_positions().numpy()                     # (b, R, C, 3)
+            cosw[idx] = sdd[idx, None, None] / np.linalg.norm(pix - S[idx, None, None, :], axis=-1)
+            P[idx] = pix[np.arange(len(idx)), rowF[idx].astype(int)]   # (b, C, 3)
         dvec = P - S[:, None, :]
         phi = np.arctan2(dvec @ o.e2, dvec @ o.e1)                     # (V, C)
         gamma_ours = np.angle(np.exp(1j * (o.angles[:, None] + math.pi - phi)))
