@@ -87,8 +87,14 @@ class Projector:
                                       f"{self.shape}")
         backend = self._prepare(vol4.shape[0], vol4.device)
         g = self.geometry
-        out = project_op(vol4, self.params, self.dt_mm, self.cone, g.rows, g.cols, self.method, backend,
-                         self.check_finite)
+        if self.method == "siddon" and backend == "torch" and self.params.requires_grad:
+            # geometry gradients wanted: the walk that integrates also takes each ray's derivatives
+            from .geomgrad import fused_siddon_op
+
+            out = fused_siddon_op(vol4, self.params, self.cone, g.rows, g.cols, self.check_finite)[0]
+        else:
+            out = project_op(vol4, self.params, self.dt_mm, self.cone, g.rows, g.cols, self.method, backend,
+                             self.check_finite)
         return out[0] if squeeze else out
 
     def adjoint(self, projections: torch.Tensor, dtype: Optional[torch.dtype] = None) -> torch.Tensor:

@@ -36,7 +36,7 @@ import torch
 from . import reference as R
 from .layout import RAY_CENTER, RAY_FIRST, RAY_M, RAY_RECORD, RAY_U, RAY_V
 
-__all__ = ["params_grad_reference", "geometry_grad_op"]
+__all__ = ["params_grad_reference", "geometry_grad_op", "fused_siddon_op"]
 
 _GRAD_CHUNK = 1 << 16
 
@@ -70,7 +70,8 @@ def _end_terms(f_end, onehot, t_end, e, sign):
 
 
 def _siddon_ray_grads(flatvol, rb, w, shape):
-    """(g_o, g_e, g_L) per ray of the block for the Siddon integral, weighted by ``w``."""
+    """(g_o, g_e, g_L, p) per ray of the block for the Siddon integral: the derivatives weighted by ``w``,
+    and the integral ``p`` itself (unweighted, summed in the forward walk's order: bit-identical to it)."""
     o, e, tlo, thi = rb.o, rb.e, rb.tlo, rb.thi
     n = o.shape[0]
     N = torch.tensor(shape, device=o.device, dtype=o.dtype)
@@ -79,10 +80,10 @@ def _siddon_ray_grads(flatvol, rb, w, shape):
     last = torch.zeros_like(tlo)
     # per live ray state, written back to the block arrays when the walk drops finished rays
     st = {k: torch.zeros(n, device=o.device, dtype=o.dtype) for k in ("pv", "pok", "pcross", "ptc", "px", "py", "pz")}
-    acc = {k: torch.zeros(n, device=o.device, dtype=o.dtype) for k in ("gox", "goy", "goz", "gex", "gey", "gez")}
+    acc = {k: torch.zeros(n, device=o.device, dtype=o.dtype) for k in ("gox", "goy", "goz", "gex", "gey", "gez", "p")}
     inv_all = torch.where(e.abs() > 1e-30, 1.0 / torch.where(e != 0, e, torch.ones_like(e)), torch.zeros_like(e))
     last_ids, live, started = None, None, False
-    for ids, flat, ok, t, tc, L, mx, my, mz in R.siddon_walk(o, e, tlo, thi, shape, detail=True):
+    for ids, flat, ok, t, tc, L, mx, my, mz, seg in R.siddon_walk(o, e, tlo, thi, shape, detail=True):
         if ids is not last_ids:
             if last_ids is not None:
                 for k in st:
@@ -96,7 +97,9 @@ def _siddon_ray_grads(flatvol, rb, w, shape):
             live["last"] = last[ids]
             live["t0"] = t0[ids]
             live["inv"] = [inv_all[ids, a] for a in range(3)]
-        val = flatvol.take(flat) * ok
+        raw = flatvol.take(flat)
+        live["p"].add_(seg * raw)
+        val = raw * ok
         if not started:
             first[ids] = val
             started = True
@@ -125,7 +128,7 @@ def _siddon_ray_grads(flatvol, rb, w, shape):
     go = (go + a_o + b_o) * w[:, None]
     ge = (ge + a_e + b_e) * w[:, None]
     gL = last * hit * at_thi * w
-    return go, ge, gL, None
+    return go, ge, gL, acc["p"]
 
 
 def _trilinear_ray_grads(padvol, rb, w, shape, dt):
@@ -203,6 +206,15 @@ def params_grad_reference(volume: torch.Tensor, grad: torch.Tensor, params: torc
     gout = grad.detach().reshape(B, -1).to(cdt)
     gp = torch.zeros(B, V, RAY_RECORD, device=dev, dtype=cdt)
     gdt = torch.zeros(B, device=dev, dtype=cdt)
+    with R._walk_threads(method, min(V * rows * cols, _GRAD_CHUNK), dev):
+        _params_grad_into(gp, gdt, volume, gout, prm, dt_mm, kind, rows, cols, method)
+    return gp.to(device="cpu", dtype=torch.float64), gdt.to(device="cpu", dtype=torch.float64)
+
+
+def _params_grad_into(gp, gdt, volume, gout, prm, dt_mm, kind, rows, cols, method):
+    B, X, Y, Z = volume.shape
+    V = prm.shape[1]
+    cdt = gp.dtype
     for b in range(B):
         vol_b = volume[b].detach().to(cdt)
         flatvol = vol_b.reshape(-1) if method == "siddon" else R.pad_flat(vol_b)
@@ -214,7 +226,6 @@ def params_grad_reference(volume: torch.Tensor, grad: torch.Tensor, params: torc
                 go, ge, gL, gd = _trilinear_ray_grads(flatvol, rb, w, (X, Y, Z), float(dt_mm[b]))
                 gdt[b] += gd.sum()
             gp[b] += _to_record(rb, kind, go, ge, gL, V)
-    return gp.to(device="cpu", dtype=torch.float64), gdt.to(device="cpu", dtype=torch.float64)
 
 
 # ------------------------------------------------------------------------------------------ the operator
@@ -240,3 +251,84 @@ def _(volume, grad, params, dt_mm, cone, method):
 
 
 geometry_grad_op = torch.ops.xwin.project_geometry_grad.default
+
+
+# ------------------------------------------------------------------------------------------ fused Siddon path
+
+_LIB.define("project_siddon_with_ray_grads(Tensor volume, Tensor params, bool cone, int rows, int cols, "
+            "bool check_finite) -> (Tensor, Tensor)")
+
+
+@torch.library.impl(_LIB, "project_siddon_with_ray_grads", "CompositeExplicitAutograd")
+def _fused_impl(volume, params, cone, rows, cols, check_finite):
+    """The Siddon forward and, in the same voxel walk, each ray's unit-weight derivatives (g_o, g_e, g_L):
+    (B, V, rows, cols) integrals (bit-identical to ``xwin::project``) and (B, V·rows·cols, 7) per-ray
+    derivatives (7 numbers per ray; nothing per crossing). The backward then needs no second walk."""
+    from ._prep import check_all_finite
+
+    if check_finite:
+        check_all_finite(volume, "volume")
+    B, X, Y, Z = volume.shape
+    V = params.shape[1]
+    cdt = R._compute_dtype(volume.dtype)
+    dev = volume.device
+    prm = params.detach().expand(B, -1, -1).to(device=dev, dtype=cdt)
+    kind = "cone" if cone else "parallel"
+    out = torch.zeros(B, V * rows * cols, device=dev, dtype=cdt)
+    rg = torch.zeros(B, V * rows * cols, 7, device=dev, dtype=cdt)
+    with R._walk_threads("siddon", min(V * rows * cols, _GRAD_CHUNK), dev):
+        for b in range(B):
+            flatvol = volume[b].detach().to(cdt).reshape(-1)
+            for start, rb in R.ray_blocks(prm[b], kind, rows, cols, _GRAD_CHUNK):
+                n = rb.o.shape[0]
+                go, ge, gL, p = _siddon_ray_grads(flatvol, rb, torch.ones(n, device=dev, dtype=cdt), (X, Y, Z))
+                out[b, start:start + n] = p
+                rg[b, start:start + n] = torch.cat([go, ge, gL[:, None]], 1)
+    return out.reshape(B, V, rows, cols), rg
+
+
+@torch.library.register_fake("xwin::project_siddon_with_ray_grads", lib=_LIB)
+def _(volume, params, cone, rows, cols, check_finite):
+    B, V = volume.shape[0], params.shape[1]
+    dt = torch.float64 if volume.dtype == torch.float64 else torch.float32
+    return volume.new_empty((B, V, rows, cols), dtype=dt), volume.new_empty((B, V * rows * cols, 7), dtype=dt)
+
+
+def _fused_setup(ctx, inputs, output):
+    volume, params, cone, rows, cols, _ = inputs
+    ctx.meta = (cone, rows, cols, tuple(volume.shape[1:]), volume.dtype)
+    ctx.save_for_backward(params, output[1])
+
+
+def _fused_backward(ctx, grad, _grad_rg):
+    from ._ops import backproject_op
+
+    params, rg = ctx.saved_tensors
+    cone, rows, cols, (X, Y, Z), vdt = ctx.meta
+    B = grad.shape[0]
+    gvol = gparams = None
+    dt0 = torch.zeros(1, dtype=torch.float64)
+    if ctx.needs_input_grad[0]:
+        gvol = backproject_op(grad.contiguous(), params, dt0, cone, X, Y, Z, "siddon", "torch", vdt, False)
+    if ctx.needs_input_grad[1]:
+        cdt = rg.dtype
+        prm = params.detach().expand(B, -1, -1).to(device=rg.device, dtype=cdt)
+        V = prm.shape[1]
+        w_all = grad.detach().reshape(B, -1).to(cdt)
+        gp = torch.zeros(B, V, RAY_RECORD, device=rg.device, dtype=cdt)
+        kind = "cone" if cone else "parallel"
+        for b in range(B):
+            for start, rb in R.ray_blocks(prm[b], kind, rows, cols, _GRAD_CHUNK):
+                n = rb.o.shape[0]
+                r = rg[b, start:start + n] * w_all[b, start:start + n, None]
+                gp[b] += _to_record(rb, kind, r[:, 0:3], r[:, 3:6], r[:, 6], V)
+        gparams = gp.to(device="cpu", dtype=torch.float64)
+        if params.shape[0] != B:
+            gparams = gparams.sum(0, keepdim=True)
+        gparams = gparams.to(params.dtype)
+    return gvol, gparams, None, None, None, None
+
+
+torch.library.register_autograd("xwin::project_siddon_with_ray_grads", _fused_backward, setup_context=_fused_setup,
+                                lib=_LIB)
+fused_siddon_op = torch.ops.xwin.project_siddon_with_ray_grads.default

@@ -126,10 +126,10 @@ def siddon_walk(o, e, tlo, thi, shape, detail: bool = False) -> Iterator[tuple]:
     the flat voxel index is carried in float64 (exact to 2^53) and advanced by ``s × stride`` of the axis
     stepped on.
 
-    ``detail=True`` (the geometry-gradient pass) yields instead ``(ids, flat, ok, t, tcross, L, mx, my, mz)``
-    per step: the voxel's in-volume flag (0/1), the step's start ``t`` and the crossing time ``tcross`` that
-    ends it (both relative to the entry point), the ray's length ``L`` in the box, and the 0/1 masks of the
-    axis crossed there. The yielded buffers are reused: consume them before the next step.
+    ``detail=True`` (the geometry-gradient pass) yields instead ``(ids, flat, ok, t, tcross, L, mx, my, mz,
+    w)`` per step: the voxel's in-volume flag (0/1), the step's start ``t`` and the crossing time ``tcross``
+    that ends it (both relative to the entry point), the ray's length ``L`` in the box, the 0/1 masks of the
+    axis crossed there, and the weight ``w`` of the plain walk. The yielded buffers are reused: consume them before the next step.
     """
     dev, dt = o.device, o.dtype
     N = torch.tensor(shape, device=dev, dtype=dt)
@@ -182,7 +182,7 @@ def siddon_walk(o, e, tlo, thi, shape, detail: bool = False) -> Iterator[tuple]:
         torch.eq(ty, tmin3, out=my).mul_(torch.rsub(mx, 1.0))
         torch.neg(mx, out=mz).add_(1.0).sub_(my)
         if detail:
-            yield ids, flat.clamp(0.0, nvox_1).long(), okf, t, tmin3, L, mx, my, mz
+            yield ids, flat.clamp(0.0, nvox_1).long(), okf, t, tmin3, L, mx, my, mz, w
         else:
             yield ids, flat.clamp(0.0, nvox_1).long(), w
         for m, cc, ss, pp, vv, bb, tt, uu in ((mx, cx, sx, px, vx, bx, tx, ux), (my, cy, sy, py, vy, by, ty, uy),
