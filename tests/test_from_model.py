@@ -45,11 +45,11 @@ def test_ct_end_to_end_through_the_reconstruct_cli(run_dir, ct_file, tmp_path):
     out = tmp_path / "out"
     env = dict(os.environ, OMP_NUM_THREADS="1")
     r = subprocess.run([sys.executable, "-m", "xwin.reconstruct", "--from-model", str(run_dir / "checkpoint.pt"),
-                        "--ct", str(ct_file), "--out", str(out), "--methods", "tv,fdk", "--iterations", "2"],
+                        "--ct", str(ct_file), "--out", str(out), "--methods", "tv-prior,fdk", "--iterations", "2"],
                        capture_output=True, text=True, env=env, timeout=600)
     assert r.returncode == 0, r.stderr[-2000:]
     m = json.loads((out / "metrics.json").read_text())
-    for row in ("frontal/tv", "prior/tv", "true/tv", "frontal/fdk", "true/fdk", "lower/mean-training-ct"):
+    for row in ("frontal/tv-prior", "prior/tv-prior", "true/tv-prior", "frontal/fdk", "true/fdk", "lower/mean-training-ct"):
         v = m["volume_3d"][row]
         assert np.isfinite(v["psnr_db"]) and -1 <= v["ssim"] <= 1, row
     # every row on the same field of view and data range

@@ -37,7 +37,7 @@ from typing import Dict, List, Optional, Sequence
 import numpy as np
 
 HELDOUT_SEED0 = 200_000
-METHODS = ("fdk", "fdk-mirror", "sirt", "tv")
+METHODS = ("fdk", "fdk-mirror", "sirt", "tv", "sirt-prior", "tv-prior")
 
 
 class FromModelError(Exception):
@@ -110,8 +110,10 @@ def mirror_complete(p, yaws_deg, cfg: dict, iso):
     return p2, view_geometry(y2, cfg, iso, size=p.shape[-1])
 
 
-def reconstruct(method: str, p, geom, shape, affine, cfg: dict, yaws, iso, iterations: int = 20):
-    """μ (1/mm) from line integrals ``p`` (V, S, S) of the views ``geom`` with one of :data:`METHODS`."""
+def reconstruct(method: str, p, geom, shape, affine, cfg: dict, yaws, iso, iterations: int = 20, prior=None):
+    """μ (1/mm) from line integrals ``p`` (V, S, S) of the views ``geom`` with one of :data:`METHODS`;
+    ``*-prior`` methods start the iterations from ``prior`` (the mean training CT) instead of zero, so the
+    directions the arc does not measure keep the prior's values."""
     from xwin.reconstruct import fdk, sirt, tv_recon
 
     with warnings.catch_warnings():
@@ -122,10 +124,15 @@ def reconstruct(method: str, p, geom, shape, affine, cfg: dict, yaws, iso, itera
             p2, g2 = mirror_complete(p, yaws, cfg, iso)
             return fdk(p2, g2, shape, affine=affine)
         subsets = max(1, min(4, geom.num_views))
+        x0 = None
+        if method.endswith("-prior"):
+            if prior is None:
+                raise FromModelError(f"{method} needs the mean training CT")
+            method, x0 = method[: -len("-prior")], prior.to(p.dtype).clone()
         if method == "sirt":
-            return sirt(p, geom, shape, affine=affine, iterations=iterations, subsets=subsets)
+            return sirt(p, geom, shape, affine=affine, iterations=iterations, subsets=subsets, x0=x0)
         if method == "tv":
-            return tv_recon(p, geom, shape, affine=affine, iterations=iterations, subsets=subsets)
+            return tv_recon(p, geom, shape, affine=affine, iterations=iterations, subsets=subsets, x0=x0)
     raise FromModelError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
 
 
@@ -202,14 +209,15 @@ def evaluate_ct(pipe: Pipeline, vol, *, methods: Sequence[str], yaws, iterations
     res: Dict[str, object] = {"scale": {"frontal_s": s_frontal, "prior_s": s_used["prior"]}}
     res["views_2d"] = {k: view_metrics(dec[others] * s_used[k], p_true[others]) for k in scales}
     fov = fov_mask(geom, shape, affine=affine)
+    mean_ct = mean_training_ct(cfg, affine) if mean_ct is None else mean_ct
     recs = {}
     for m in methods:
         t1 = time.perf_counter()
-        recs[("true", m)] = reconstruct(m, p_true, geom, shape, affine, cfg, yaws, iso, iterations).float()
+        recs[("true", m)] = reconstruct(m, p_true, geom, shape, affine, cfg, yaws, iso, iterations, mean_ct).float()
         for k in scales:
-            recs[(k, m)] = reconstruct(m, dec * s_used[k], geom, shape, affine, cfg, yaws, iso, iterations).float()
+            recs[(k, m)] = reconstruct(m, dec * s_used[k], geom, shape, affine, cfg, yaws, iso, iterations,
+                                       mean_ct).float()
         log(f"  {m}: {time.perf_counter() - t1:.1f} s")
-    mean_ct = mean_training_ct(cfg, affine) if mean_ct is None else mean_ct
     res["volume_3d"] = {f"{k}/{m}": image_metrics(r, mu, fov) for (k, m), r in recs.items()}
     res["volume_3d"]["lower/mean-training-ct"] = image_metrics(mean_ct, mu, fov)
     res["fov_voxels"] = int(fov.sum())
@@ -389,8 +397,9 @@ def run_image(pipe: Pipeline, args) -> dict:
     from xwin.decoder import view_geometry
 
     geom = view_geometry(yaws, pipe.cfg, (0.0, 0.0, 0.0), size=pipe.img_size)
-    recs = {("prior", m): reconstruct(m, dec, geom, shape, affine, pipe.cfg, yaws, (0.0, 0.0, 0.0), args.iterations)
-            for m in methods}
+    prior = mean_training_ct(pipe.cfg, affine) if any(m.endswith("-prior") for m in methods) else None
+    recs = {("prior", m): reconstruct(m, dec, geom, shape, affine, pipe.cfg, yaws, (0.0, 0.0, 0.0), args.iterations,
+                                      prior) for m in methods}
     os.makedirs(args.out, exist_ok=True)
     save_volume(Volume(mu_to_hu(recs[("prior", methods[0])]).contiguous(), affine), os.path.join(args.out, "recon.nii.gz"))
     save_figure(os.path.join(args.out, "from_model.png"),
