@@ -244,6 +244,9 @@ def test_cli_bad_inputs(chexpert, ckpt, tmp_path, capsys):
     bad.write_bytes(b"\x89PNG\r\n\x1a\n not really a png")
     rc, _, err = _cli(base + ["--labels", csv_path, "--findings", "Cardiomegaly", "--out", tmp_path / "b2"], capsys)
     assert rc == 0 and bad.name in err and "warning" in err
+    assert json.loads((tmp_path / "b2" / "metrics.json").read_text())["skipped_images"] == [rows[5][0]]
+    rc, so, err = _cli(base + ["--labels", csv_path, "--findings", "Cardiomegaly", "--out", tmp_path / "b2"], capsys)
+    assert rc == 0 and "cached" in so and bad.name in err  # named again when the features come from the cache
     # a finding with no positives in a split: warned about by name and left out
     for r in rows[1:]:
         r[-1] = "0.0"

@@ -20,7 +20,7 @@ from typing import Dict, List, Optional, Sequence
 import numpy as np
 
 from ..errors import XwinError
-from .features import EncoderSpec, FeatureCache, compute_features, file_digest, load_images, make_extractor
+from .features import EncoderSpec, FeatureCache, FileImages, compute_many, file_digest, make_extractor
 from .labels import SPLITS, LabelTable, read_labels
 from .probes import bootstrap_ci, fast_auroc, fewshot_probe, linear_probe, pca_fit, ridge_probe, summarize_auroc, _r2
 from .report import plot_anatomy, plot_fewshot, plot_linear, write_json, write_predictions
@@ -87,21 +87,26 @@ def _which(ckpt: Path, asked: Optional[str]) -> str:
 
 # ----------------------------------------------------------------------------------------- core
 def _features(names, checkpoint, digest, images, images_key, cache_dir, args, log) -> Dict[str, np.ndarray]:
+    """Features per encoder: from the cache, else computed for all missing encoders in one pass."""
     cache = FeatureCache(cache_dir, digest, images_key)
-    feats = {}
+    feats, todo = {}, {}
     for name in names:
         spec = EncoderSpec(name, which=args.which, layer=args.layer, seed=args.seed, pool=args.pool)
         f = cache.get(spec)
         if f is not None and len(f) == len(images):
             log(f"features {name}: cached ({cache.path(spec).name})")
+            feats[name] = f
         else:
-            t0 = time.perf_counter()
-            extract, _ = make_extractor(spec, checkpoint, device=args.device)
-            f = compute_features(extract, images, batch=args.batch_size, progress=args.progress, desc=name)
-            cache.put(spec, f)
-            log(f"features {name}: {f.shape[1]}-d for {len(f)} images in {time.perf_counter() - t0:.1f} s")
-        feats[name] = f
-    return feats
+            todo[name] = spec
+    if todo:
+        t0 = time.perf_counter()
+        ex = {name: make_extractor(spec, checkpoint, device=args.device)[0] for name, spec in todo.items()}
+        new = compute_many(ex, images, batch=args.batch_size, progress=args.progress)
+        for name, spec in todo.items():
+            cache.put(spec, new[name])
+            feats[name] = new[name]
+        log(f"features {', '.join(todo)}: {len(images)} images in {time.perf_counter() - t0:.1f} s")
+    return {n: feats[n] for n in names}
 
 
 def _macro_fn(yt: Dict[str, np.ndarray], st: Dict[str, np.ndarray]):
@@ -142,16 +147,38 @@ def _counts(y, split, findings) -> Dict:
     return out
 
 
-def run_evaluation(images: np.ndarray, y: np.ndarray, findings: Sequence[str], split: np.ndarray,
+def run_evaluation(images, y: np.ndarray, findings: Sequence[str], split: np.ndarray,
                    patients: np.ndarray, ids: Sequence[str], paths: Sequence[str], checkpoint: Path,
                    images_key: str, cache_dir: Path, out_dir: Path, args, targets: Optional[np.ndarray] = None,
                    target_names: Sequence[str] = (), title: str = "", log=print) -> dict:
-    """Features, probes, statistics and files (written into ``out_dir``); returns the metrics dict."""
+    """Features, probes, statistics and files (written into ``out_dir``); returns the metrics dict.
+
+    ``images``: (N, S, S) array or :class:`FileImages`; rows whose images do not decode (NaN features) are
+    left out with a warning naming the file.
+    """
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # fail fast here; the warnings come after the undecodable rows are gone
+        if not _usable(y, split, findings) and targets is None:
+            raise XwinError("no finding has both classes in the train and test splits: nothing to evaluate")
+    digest = file_digest(checkpoint)
+    feats = _features(args.encoders, checkpoint, digest, images, images_key, cache_dir, args, log)
+    ok = np.all([np.isfinite(f).all(axis=1) for f in feats.values()], axis=0)
+    skipped = []
+    if not ok.all():
+        failed = getattr(images, "failed", {})
+        for i in np.nonzero(~ok)[0]:
+            why = failed.get(int(i), "did not decode in an earlier run (features cached as NaN)")
+            warnings.warn(f"cannot decode {paths[i]} ({why}); left out", stacklevel=2)
+            skipped.append(str(paths[i]))
+        if not ok.any():
+            raise XwinError("none of the images decoded")
+        feats = {k: f[ok] for k, f in feats.items()}
+        y, split, patients = y[ok], split[ok], np.asarray(patients)[ok]
+        ids, paths = [ids[i] for i in np.nonzero(ok)[0]], [paths[i] for i in np.nonzero(ok)[0]]
+        targets = targets[ok] if targets is not None else None
     keep = _usable(y, split, findings)
     if not keep and targets is None:
         raise XwinError("no finding has both classes in the train and test splits: nothing to evaluate")
-    digest = file_digest(checkpoint)
-    feats = _features(args.encoders, checkpoint, digest, images, images_key, cache_dir, args, log)
     width = next((f.shape[1] for n, f in feats.items() if n != "pixels"), None)
     if "pixels" in feats:
         if width is None:  # pixels alone: the encoder's width all the same
@@ -162,6 +189,7 @@ def run_evaluation(images: np.ndarray, y: np.ndarray, findings: Sequence[str], s
     patients = np.asarray(patients)
     test = split == "test"
     metrics: Dict = {"counts": _counts(y, split, findings), "images": {s: int((split == s).sum()) for s in SPLITS},
+                     "skipped_images": skipped,
                      "patients": {s: len(set(patients[split == s].tolist())) for s in SPLITS}}
     rows: List[Dict] = []
     t0 = time.perf_counter()
@@ -270,9 +298,7 @@ def _labels_mode(args, ckpt: Path, log) -> None:
     from ..model import load_encoder
 
     size = int(load_encoder(ckpt, which=args.which).img_size)
-    images, ok = load_images(table.files, size, progress=args.progress)
-    if len(ok) < len(table.paths):
-        table = table.subset(ok)
+    images = FileImages(table.files, size)
     stat = [(str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in table.files]
     images_key = hashlib.sha256(json.dumps([size, stat]).encode()).hexdigest()
     cfg = {k: v for k, v in vars(args).items() if k not in ("func",)}

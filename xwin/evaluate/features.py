@@ -14,14 +14,14 @@ import os
 import tempfile
 import warnings
 from pathlib import Path
-from typing import Callable, List, Optional, Sequence, Tuple
+from typing import Callable, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
 
 from ..errors import XwinError
 
-__all__ = ["EncoderSpec", "file_digest", "load_images", "FeatureCache", "make_extractor", "PIXEL_SIZE"]
+__all__ = ["EncoderSpec", "file_digest", "FileImages", "FeatureCache", "make_extractor", "compute_features", "PIXEL_SIZE"]
 
 #: Side of the down-sampled image of the ``pixels`` baseline (before PCA).
 PIXEL_SIZE = 32
@@ -53,30 +53,36 @@ def file_digest(path: Path, chunk: int = 1 << 22) -> str:
     return h.hexdigest()
 
 
-def load_images(files: Sequence[Path], size: int, progress: bool = False) -> Tuple[np.ndarray, List[int]]:
-    """(N_ok, size, size) float32 preprocessed images and the indices of the files that decoded.
+class FileImages:
+    """Radiograph files as a lazy array: ``len()`` and ``[start:stop]`` -> (n, size, size) float32, loaded
+    and preprocessed on demand (memory stays at one batch, whatever the data set's size). A file that does
+    not decode gives a NaN image (and so NaN features); ``failed`` maps its index to the reason."""
 
-    A file that does not decode is left out with a warning naming it.
-    """
-    from ..intensity import normalize_radiograph
-    from ..io import load_radiograph
+    def __init__(self, files: Sequence[Path], size: int):
+        self.files, self.size = list(files), int(size)
+        self.failed: dict = {}
 
-    out, ok = [], []
-    it = _bar(range(len(files)), progress, "images")
-    for i in it:
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def _one(self, i: int) -> np.ndarray:
+        from ..intensity import normalize_radiograph
+        from ..io import load_radiograph
+
         try:
-            img = load_radiograph(files[i], size=size)
-        except Exception as e:  # a corrupt or unsupported file: say which and go on
-            warnings.warn(f"cannot decode {files[i]} ({type(e).__name__}: {e}); left out", stacklevel=2)
-            continue
-        if not torch.isfinite(img).all():
-            warnings.warn(f"{files[i]} holds NaN or Inf pixels; left out", stacklevel=2)
-            continue
-        out.append(normalize_radiograph(img.float()))
-        ok.append(i)
-    if not out:
-        raise XwinError("none of the images decoded")
-    return torch.stack(out).numpy().astype(np.float32), ok
+            img = load_radiograph(self.files[i], size=self.size)
+            if not torch.isfinite(img).all():
+                raise XwinError("NaN or Inf pixels")
+            return normalize_radiograph(img.float()).numpy()
+        except Exception as e:  # a corrupt or unsupported file: remembered, reported by the caller
+            self.failed[i] = f"{type(e).__name__}: {e}"
+            return np.full((self.size, self.size), np.nan, dtype=np.float32)
+
+    def __getitem__(self, sl: slice) -> np.ndarray:
+        idx = range(*sl.indices(len(self)))
+        if not len(idx):
+            return np.zeros((0, self.size, self.size), np.float32)
+        return np.stack([self._one(i) for i in idx]).astype(np.float32)
 
 
 def _bar(it, on: bool, desc: str):
@@ -181,9 +187,16 @@ class FeatureCache:
         return p
 
 
-def compute_features(extract, images: np.ndarray, batch: int = 64, progress: bool = False, desc: str = "") -> np.ndarray:
-    """Features of ``images`` (N, S, S), in batches, with an optional progress bar."""
-    out = []
-    for s in _bar(range(0, len(images), batch), progress, f"features {desc}".strip()):
-        out.append(extract(torch.from_numpy(images[s:s + batch])).numpy().astype(np.float32))
-    return np.concatenate(out)
+def compute_features(extract, images, batch: int = 64, progress: bool = False, desc: str = "") -> np.ndarray:
+    """Features of ``images`` ((N, S, S) array or :class:`FileImages`), in batches, optional progress bar."""
+    return compute_many({desc or "x": extract}, images, batch, progress)[desc or "x"]
+
+
+def compute_many(extractors: dict, images, batch: int = 64, progress: bool = False) -> dict:
+    """Features of every extractor in one pass over ``images`` (each batch is loaded once)."""
+    out: dict = {k: [] for k in extractors}
+    for s in _bar(range(0, len(images), batch), progress, "features " + " ".join(extractors)):
+        x = torch.from_numpy(np.ascontiguousarray(images[s:s + batch]))
+        for k, ex in extractors.items():
+            out[k].append(ex(x).numpy().astype(np.float32))
+    return {k: np.concatenate(v) for k, v in out.items()}
