@@ -582,3 +582,19 @@ def test_cli_from_model_missing_module_is_one_line(monkeypatch):
 def test_cli_help_mentions_from_model():
     status, out, _ = _cli(["--help"])
     assert status == 0 and "--from-model" in out
+
+
+def test_ssim_in_slabs_equals_the_whole_volume_map():
+    """Large volumes get their SSIM map a slab of z at a time (bounded memory): the same map to rounding."""
+    from skimage.metrics import structural_similarity
+
+    from xwin.reconstruct.report import _ssim_slabs
+
+    rng = np.random.default_rng(0)
+    t = rng.random((20, 18, 30))
+    r = t + 0.1 * rng.standard_normal(t.shape)
+    full = structural_similarity(t, r, data_range=1.0, win_size=7, full=True)[1]
+    for max_voxels in (20 * 18 * 7, 20 * 18 * 2, 10 ** 9):
+        parts = list(_ssim_slabs(t, r, 1.0, 7, structural_similarity, max_voxels=max_voxels))
+        assert parts[0][0] == 0 and parts[-1][1] == 30
+        np.testing.assert_allclose(np.concatenate([s for _, _, s in parts], 2), full, rtol=0, atol=1e-12)

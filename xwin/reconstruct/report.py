@@ -41,11 +41,16 @@ def image_metrics(recon: torch.Tensor, truth: torch.Tensor, mask: Optional[torch
     win = min(7, *[s if s % 2 else s - 1 for s in t.shape])
     ssim = None
     if win >= 3:
-        _, smap = structural_similarity(t, r, data_range=data_range, win_size=win, full=True)
         pad = (win - 1) // 2
         core = np.zeros_like(m)
         core[pad:t.shape[0] - pad, pad:t.shape[1] - pad, pad:t.shape[2] - pad] = True
-        ssim = float(smap[m & core].mean()) if (m & core).any() else float(smap[m].mean())
+        sel = m & core if (m & core).any() else m
+        total, count = 0.0, 0
+        for z0, z1, smap in _ssim_slabs(t, r, data_range, win, structural_similarity):
+            part = sel[:, :, z0:z1]
+            total += float(smap[part].sum())
+            count += int(part.sum())
+        ssim = total / count
     rmse = float(np.sqrt(np.mean((rv - tv) ** 2)))
     hu = 1000.0 / mu_water
     return {
@@ -60,6 +65,28 @@ def image_metrics(recon: torch.Tensor, truth: torch.Tensor, mask: Optional[torch
         "fov_voxels": int(m.sum()),
         "ssim_window": win if ssim is not None else None,
     }
+
+
+def _ssim_slabs(t: np.ndarray, r: np.ndarray, data_range: float, win: int, structural_similarity,
+                max_voxels: int = 1 << 23):
+    """scikit-image's SSIM map, a slab of z at a time with a halo of (win − 1)/2 slices, so that a large volume
+    (512 × 512 × 133: ~15 float64 temporaries of 280 MB each at once) stays in bounded memory. The map is
+    local (win³ uniform filters), so every slab's interior equals the whole-volume map; a volume of at most
+    ``max_voxels`` is one slab. Yields ``(z0, z1, map of slices z0..z1)``."""
+    nz = t.shape[2]
+    per = max(1, max_voxels // max(1, t.shape[0] * t.shape[1]))
+    if per >= nz:
+        yield 0, nz, structural_similarity(t, r, data_range=data_range, win_size=win, full=True)[1]
+        return
+    halo = (win - 1) // 2
+    for z0 in range(0, nz, per):
+        z1 = min(nz, z0 + per)
+        a, b = max(0, z0 - halo), min(nz, z1 + halo)
+        if b - a < win:                                   # a thin slab: widen it to the window
+            a = max(0, b - win)
+            b = min(nz, a + win)
+        smap = structural_similarity(t[:, :, a:b], r[:, :, a:b], data_range=data_range, win_size=win, full=True)[1]
+        yield z0, z1, smap[:, :, z0 - a:z1 - a]
 
 
 def peak_memory() -> Dict[str, float]:
