@@ -62,13 +62,14 @@ def plot_run(run_dir, png) -> None:
                     a.plot(vs, y, ls=ls, marker=".", color=f"C{j}", label=f"{name} {key}")
             if chance:
                 a.axhline(vals[-1][f"val/{chance}"], color="C3", ls="--", lw=1, label="chance")
-            a.set_title(title + " (held-out CTs: solid; training CTs: dotted)", fontsize=9)
+            a.set_title(title + " (validation)", fontsize=10)
             a.set_xlabel("step")
             a.grid(alpha=0.3)
             a.legend(fontsize=7)
     name = summ.get("config", "")
     fig.suptitle(f"X-WIN {name} run: {summ.get('world_size', 1)}×{summ.get('batch_per_rank', '?')} CTs × "
-                 f"{summ.get('targets_per_ct', '?')} targets per step, {summ.get('device', '')}", fontsize=10)
+                 f"{summ.get('targets_per_ct', '?')} targets per step, {summ.get('device', '')}"
+                 + ("; validation: held-out CTs solid, training CTs dotted" if vals else ""), fontsize=10)
     fig.tight_layout()
     fig.savefig(png, dpi=110)
     plt.close(fig)
