@@ -87,16 +87,21 @@ def test_targets_share_one_scale_per_ct():
         projection_targets(torch.zeros(2, 8, 8))
 
 
-def test_second_stage_training_resumes_exactly(tmp_path):
+@pytest.mark.parametrize("finetune", [False, True])
+def test_second_stage_training_resumes_exactly(tmp_path, finetune):
     ckpt = tiny_world_checkpoint(tmp_path / "run")
-    full = train_decoder(ckpt, tmp_path / "a", FAST_DECODER)
-    train_decoder(ckpt, tmp_path / "b", FAST_DECODER, stop_after=2)
+    cfg = {**FAST_DECODER, "finetune_predictor": finetune}
+    full = train_decoder(ckpt, tmp_path / "a", cfg)
+    train_decoder(ckpt, tmp_path / "b", cfg, stop_after=2)
     assert not (tmp_path / "b" / "decoder.pt").exists()
-    half = train_decoder(ckpt, tmp_path / "b", FAST_DECODER)
+    half = train_decoder(ckpt, tmp_path / "b", cfg)
     da, ma = load_decoder(full)
     db, mb = load_decoder(half)
     for (k, va), vb in zip(da.state_dict().items(), db.state_dict().values()):
         assert torch.equal(va, vb), k
+    assert ("view_predictor" in ma) == finetune
+    for k in ma.get("view_predictor", {}):
+        assert torch.equal(ma["view_predictor"][k], mb["view_predictor"][k]), k
     la = [json.loads(x) for x in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
     lb = [json.loads(x) for x in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in lb] == [1, 2, 3, 4] and [r["loss"] for r in la] == [r["loss"] for r in lb]
@@ -105,7 +110,7 @@ def test_second_stage_training_resumes_exactly(tmp_path):
     assert ma["prior_scale"] == pytest.approx(float(np.mean(ma["train_scales"])))
     assert ma["yaws_deg"] == [-90.0, -45.0, 0.0, 45.0, 90.0]
     with pytest.raises(DecoderError, match="another decoder config"):
-        train_decoder(ckpt, tmp_path / "b", {**FAST_DECODER, "lr": 5e-4})
+        train_decoder(ckpt, tmp_path / "b", {**cfg, "lr": 5e-4})
 
 
 def test_train_stage_writes_decoder_next_to_checkpoint(tmp_path):

@@ -88,7 +88,7 @@ class DecoderConfig:
     ckpt_every: int = 200
     seed: int = 0
     yaw_step: Optional[float] = None  # None: the world model's render grid
-    finetune_predictor: bool = False  # also train the world model's view predictor g_v on the pixel loss
+    finetune_predictor: bool = True   # also train the world model's view predictor g_v on the pixel loss (measured better)
     predictor_lr_scale: float = 0.1   # its learning rate relative to the decoder's
     extra_phantoms: int = 16          # phantoms the world model never saw, added to the decoder's data
     extra_phantom_seed0: int = 50_000  # their seeds: seed0, seed0 + 1, ... (held-out evaluation: 200_000 + i)
