@@ -11,7 +11,8 @@ a CT from one frontal radiograph, through the X-WIN world model and its projecti
    ``fdk`` (FDK over the arc: 180° is less than the π + fan a short scan needs, so it is limited angle),
    ``fdk-mirror`` (the views at yaw + 180° filled in as the detector-flipped views at yaw — exact for parallel
    rays, an approximation for the cone), ``sirt`` / ``tv`` (limited-angle iterative methods with the exact
-   projector). ``--methods`` lists the ones to run; the first is written as ``recon.nii.gz``.
+   projector), ``sirt-prior`` / ``tv-prior`` (the same, started from the mean training CT). ``--methods``
+   lists the ones to run (default ``tv,fdk,fdk-mirror,sirt-prior``); the first is written as ``recon.nii.gz``.
 4. With ``--ct`` (or ``--heldout``), in the same run, on the same grid, field of view and data range:
    the **upper bound** (the same method on the *true* projections of the same views) and the **lower bound**
    (the voxel-wise mean of the world model's training CTs, each centred on its body like every CT on the
@@ -305,7 +306,7 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--image", help="a frontal radiograph (PNG/JPEG/TIFF/DICOM, bright = dense)")
     src.add_argument("--heldout", type=int, metavar="N", help="evaluate N held-out phantoms (seeds 200000 + i)")
     p.add_argument("--decoder", default=None, help="decoder.pt (default: next to CKPT)")
-    p.add_argument("--methods", default="fdk,fdk-mirror,sirt,tv",
+    p.add_argument("--methods", default="tv,fdk,fdk-mirror,sirt-prior",
                    help=f"reconstruction methods, comma separated, from {', '.join(METHODS)}; the first is written")
     p.add_argument("--scale", choices=("frontal", "prior"), default=None,
                    help="s of the decoded views: from the input's frontal line integrals (default with --ct) or the "
