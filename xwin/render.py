@@ -13,7 +13,7 @@ Actions: yaw uniform in ``yaw_range`` (paper: [-90, 90] in steps of 3°), contin
 0/None, else on the grid; the N targets of one CT are distinct grid points when the grid is large enough.
 Pitch and roll work the same way (default off: range (0, 0)). Actions given to the model are radians.
 ``exclude_context_yaw`` removes yaw 0 (the context view itself, a free positive) from the yaw grid; the
-paper samples the whole range and does not exclude it (default False).
+paper describes sampling the whole range and does not mention excluding 0 (default False).
 
 ``cache=True`` memoises renders for grid actions: on the first request for a CT, every grid view of that
 CT is rendered in one call and kept (on the CT's device). It makes the CPU ``tiny`` config feasible and
