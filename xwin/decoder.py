@@ -25,9 +25,11 @@ regresses to the conditional median and blurs; the ramp filter of FDK amplifies 
 frequencies a blurred view lacks, and the 2D quality the paper reports is SSIM. ``"gradient"`` (L1 of
 finite differences) is the alternative, also implemented.
 
-Training (:func:`train_decoder`) is a second stage on a frozen world model: the world model's training
-CTs (never its or our held-out ones), the world model's yaw grid, predicted tokens computed once per
-(CT, yaw) with the frozen model and cached; AdamW with warm-up + cosine; a checkpoint with the optimiser,
+Training (:func:`train_decoder`) is a second stage after the world model: its training CTs plus phantoms
+it never saw (never its or our held-out ones), its yaw grid, its encoder frozen (frontal tokens cached);
+by default the view predictor g_v is tuned with the decoder on the pixel loss and stored with it
+(``finetune_predictor``; measured better on held-out CTs, docs/ct_from_xray.md), else g_v is frozen too
+and its predicted tokens are cached; AdamW with warm-up + cosine; a checkpoint with the optimiser,
 step and RNG state every ``ckpt_every`` steps (written atomically; a restarted run resumes and continues
 bit-identically, tested); loads only with ``torch.load(weights_only=True)``. :func:`train_stage` is the
 call for the end of ``python -m xwin.train``: it writes ``RUN/decoder/decoder.pt`` next to
@@ -463,7 +465,7 @@ def build_token_cache(model, world_cfg: dict, entries: Sequence[tuple], yaws: np
 def train_decoder(checkpoint, out_dir, config: Optional[dict] = None, *, ct: Sequence[str] = (), device="cpu",
                   resume: bool = True, stop_after: Optional[int] = None, progress: bool = False,
                   log=None) -> Path:
-    """Train a projection decoder on a frozen world model (second stage); returns the path of ``decoder.pt``.
+    """Train a projection decoder after a world model (second stage); returns the path of ``decoder.pt``.
 
     ``out_dir`` gets ``decoder_config.json``, ``metrics.jsonl``, ``checkpoint.pt`` (resume state) and, when
     the schedule is done, ``decoder.pt`` (the decoder, its config, the prior scale, the yaw grid and the
