@@ -17,6 +17,7 @@ import os
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import argparse  # noqa: E402
+import importlib  # noqa: E402
 import math  # noqa: E402
 import sys  # noqa: E402
 from typing import List, Optional  # noqa: E402
@@ -241,7 +242,8 @@ def summary(mt: dict) -> str:
 def _from_model(argv: List[str]) -> int:
     """``--from-model``: hand the whole command line to :func:`xwin.reconstruct.from_model.main`."""
     try:
-        from . import from_model
+        # import_module consults sys.modules (``from . import`` would take a package attribute first)
+        from_model = importlib.import_module(__package__ + ".from_model")
     except ImportError as exc:
         print(f"python -m xwin.reconstruct: error: --from-model is not available in this installation "
               f"(xwin.reconstruct.from_model cannot be imported: {exc})", file=sys.stderr)
