@@ -121,11 +121,11 @@ def test_ddp_two_cpu_processes_keep_replicas_identical(tmp_path):
 
 # The learning test: the real loop with the real tiny config (renders cached on the 15° yaw grid, held-out
 # validation phantoms), on a shorter schedule, validating before the first and after the last step.
-# Measured on this 2-core CPU (shared with other jobs), this exact test: alignment 5.51 at step 1 -> 2.61
-# (mean of the last 20 steps), top-1 0.03 -> 0.49 (15x chance); on the 8 held-out phantoms patch MSE
-# 1.045 -> 0.737, yaw retrieval 0.14 -> 0.58 (chance 0.125), CT retrieval 0.20 -> 0.31. The margins below
-# sit well inside that (CT retrieval at 120 steps is too close to chance to assert; the 300-step run
-# reaches 0.39, docs/world_model.md).
+# Measured on this 2-core CPU (shared with other jobs), this exact test: alignment 5.80 at step 1 -> 2.00
+# (mean of the last 20 steps), top-1 0.03 -> 0.60 (19x chance); on the 8 held-out phantoms patch MSE
+# 1.045 -> 0.664, yaw retrieval 0.14 -> 0.78 (chance 0.125), CT retrieval 0.20 -> 0.34. The margins below
+# sit well inside that (CT retrieval at 120 steps is too close to 3x chance to assert; the 300-step run
+# reaches 0.41, docs/world_model.md).
 TINY_STEPS = 120
 ALIGN_DROP = 1.0     # alignment loss: step 1 minus the mean of the last 20 steps
 TOP1_FACTOR = 5.0    # mean top-1 over the last 20 steps, in multiples of chance (1/32)
