@@ -18,7 +18,8 @@ from xwin.train import (DataSourceError, _param_groups, load_config, lr_at, main
 SMALL = ["model.img_size=32", "model.view_pred_depth=1", "model.mask_pred_depth=1", "model.pred_width=96",
          "render.size=32", "render.cache=false", "render.n_targets=3", "batch_size=2",
          "data.ct_shape=[32,32,32]", "data.ct_spacing=[10,10,10]", "data.phantoms=2", "data.sample_ct=false",
-         "data.real_load_size=64", "data.sample_deformed=0", "optim.warmup_steps=2", "val.every=0"]
+         "data.real_load_size=64", "data.sample_deformed=0", "optim.warmup_steps=2", "val.every=0",
+         "decoder_stage=false"]
 
 
 def _rows(run):
@@ -165,3 +166,24 @@ def test_paper_step_render_fraction(tmp_path):
     frac = sorted(r["render_time"] / r["step_time"] for r in rows)[len(rows) // 2]
     print(f"paper step: median {step:.3f} s, render fraction {frac:.3f} on {torch.cuda.get_device_name()}")
     assert frac < 0.2
+
+
+def test_cli_runs_the_decoder_stage_after_a_complete_run_only(tmp_path, capsys):
+    """`python -m xwin.train` with decoder_stage=true leaves RUN/decoder/decoder.pt that --from-model reads;
+    a run stopped early (--stop-after) does not train the decoder yet."""
+    out = tmp_path / "run"
+    small = [a for a in SMALL if a != "decoder_stage=false"]
+    dec = ["decoder_stage=true", "decoder.steps=2", "decoder.batch_size=2", "decoder.width=32", "decoder.depth=1",
+           "decoder.heads=2", "decoder.refine_channels=0", "decoder.extra_phantoms=0", "decoder.ckpt_every=1"]
+    args = ["--config", "tiny", "--out", str(out), "--steps", "2", "--no-progress", "--no-plot", "--set", *small, *dec]
+    assert main(args + ["--stop-after", "1"]) == 0
+    assert not (out / "decoder").exists() and '"decoder"' not in capsys.readouterr().out
+    assert main(args) == 0                                   # resumes at step 1, finishes, then the decoder
+    printed = capsys.readouterr().out
+    assert f'"decoder": "{out / "decoder" / "decoder.pt"}"' in printed
+    assert (out / "decoder" / "decoder.pt").is_file()
+    from xwin.decoder import load_decoder
+
+    decoder, meta = load_decoder(out / "decoder" / "decoder.pt")
+    assert sum(p.numel() for p in decoder.parameters()) > 0
+

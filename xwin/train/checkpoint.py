@@ -84,7 +84,9 @@ def config_diff(old: dict, new: dict, prefix: str = "") -> List[str]:
 
 def check_resumable(ck: dict, cfg: dict, world: int, path: Path) -> None:
     """Refuse a checkpoint written with another config or world size, naming what differs."""
-    diff = config_diff(ck.get("config", {}), cfg)
+    # the decoder stage runs after the world model and does not change it: its settings never block a resume
+    world_only = [{k: v for k, v in c.items() if k not in ("decoder", "decoder_stage")} for c in (ck.get("config", {}), cfg)]
+    diff = config_diff(*world_only)
     if diff:
         raise ResumeError(
             f"{path} was written with a different config ({'; '.join(diff)}). Use another --out, --no-resume to "

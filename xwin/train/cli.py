@@ -31,7 +31,15 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--no-resume", action="store_true", help="start fresh even if the run folder has a checkpoint")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--no-plot", action="store_true", help="do not write curve.png at the end")
+    p.add_argument("--no-decoder", action="store_true",
+                   help="skip the projection-decoder stage even if the config has decoder_stage=true")
     return p
+
+
+def _cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -55,6 +63,20 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if is_dist():
             import torch.distributed as dist
             dist.destroy_process_group()
-    if int(os.environ.get("RANK", "0")) == 0:
-        print(json.dumps(summary, indent=2))
+    if int(os.environ.get("RANK", "0")) != 0:
+        return 0
+    # second stage (issue 13): the projection decoder on the frozen world model, once the run is complete,
+    # on rank 0 only and after the process group is gone (it is a single-process job)
+    finished = args.stop_after is None or args.stop_after >= cfg["steps"]
+    if cfg.get("decoder_stage") and not args.no_decoder and finished:
+        from ..decoder import train_stage
+
+        try:
+            dev = args.device or ("cuda" if _cuda() else "cpu")
+            summary = {**summary, "decoder": str(train_stage(out, cfg, ct=args.ct, device=dev,
+                                                             progress=not args.no_progress))}
+        except (XwinError, FileNotFoundError, ValueError) as e:
+            print(f"xwin.train: error in the decoder stage: {e}", file=sys.stderr)
+            return 2
+    print(json.dumps(summary, indent=2))
     return 0

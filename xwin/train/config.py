@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence, Tuple, Union
 
+from ..decoder import DecoderConfig
 from ..errors import XwinError
 from ..masks import BlockMaskConfig
 from ..model import ModelConfig
@@ -120,6 +121,10 @@ class TrainConfig:
     loss: LossConfig = field(default_factory=LossConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     val: ValConfig = field(default_factory=ValConfig)
+    # the projection decoder (issue 13) as a second stage at the end of `python -m xwin.train`, on the
+    # frozen world model (xwin.decoder.train_stage); its settings in the `decoder` section
+    decoder_stage: bool = False
+    decoder: DecoderConfig = field(default_factory=DecoderConfig)
 
     @classmethod
     def from_dict(cls, d: dict) -> "TrainConfig":
