@@ -1,4 +1,4 @@
-"""Geometry builders: the conventions DESIGN.md and the docstrings promise."""
+"""Geometry builders: the conventions docs/architecture.md and the docstrings promise."""
 
 import math
 

@@ -1,6 +1,6 @@
 """Projection geometry in vector form (one row per view), and scanner-style builders.
 
-Every view ``n`` is described by world-space vectors in millimetres (NIfTI RAS+ world, see DESIGN.md):
+Every view ``n`` is described by world-space vectors in millimetres (NIfTI RAS+ world, see docs/architecture.md):
 
 * ``center[n]``: the centre of the detector,
 * ``u[n]``: one detector *column* step (from column c to c+1), its length is the pixel width,
@@ -193,7 +193,7 @@ class Geometry:
                         dt(self.direction))
 
     def to_json(self) -> str:
-        """The geometry as JSON text in xwin's schema (DESIGN.md): ``{"type": "cone"|"parallel", "rows", "cols",
+        """The geometry as JSON text in xwin's schema (docs/architecture.md): ``{"type": "cone"|"parallel", "rows", "cols",
         "source"|"direction", "center", "u", "v"}``, one 3-vector per view, world mm."""
         first = "source" if self.kind == "cone" else "direction"
         vec = lambda t: t.detach().cpu().tolist()

@@ -1,6 +1,6 @@
 """Volumes and radiographs in and out.
 
-Conventions (see DESIGN.md): a volume tensor is ``(X, Y, Z)`` indexed ``[i, j, k]`` exactly as
+Conventions (see docs/architecture.md): a volume tensor is ``(X, Y, Z)`` indexed ``[i, j, k]`` exactly as
 ``nibabel.load(f).get_fdata()`` returns it, and ``affine`` (4x4, float64) maps the voxel index
 ``(i, j, k, 1)`` to world millimetres in NIfTI RAS+ (+x towards the patient's right, +y anterior,
 +z superior; DICOM's LPS differs by the sign of x and y). Voxel centres sit at integer indices.

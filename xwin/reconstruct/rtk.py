@@ -25,7 +25,7 @@ RTK's conventions, as its documentation (``documentation/docs/Geometry.md``) and
   (by more than 1e-3, RTK's own tolerance), which catches a misread file.
 
 :func:`load_geometry` reads either an RTK XML file or xwin's geometry JSON (``Geometry.from_json``, the schema
-of DESIGN.md: type, rows, cols, source|direction, center, u, v in world mm of the volume's RAS+ frame).
+of docs/architecture.md: type, rows, cols, source|direction, center, u, v in world mm of the volume's RAS+ frame).
 """
 
 from __future__ import annotations
