@@ -331,20 +331,18 @@ def _numpy_safe_globals() -> list:
 
 
 def safe_load(path, map_location="cpu") -> dict:
-    """``torch.load(weights_only=True)``; training checkpoints hold numpy RNG states, which are allowed
-    explicitly (numpy arrays and dtypes only — still no arbitrary code)."""
+    """:func:`xwin.encoder.safe_load` (``weights_only=True``) that also allows numpy's array and dtype types:
+    decoder checkpoints hold numpy RNG states (still no arbitrary code). Errors are :class:`DecoderError`."""
+    from .encoder import CheckpointError
+    from .encoder import safe_load as _weights_only_load
+
     path = Path(path)
     if not path.is_file():
         raise DecoderError(f"checkpoint not found: {path}")
     try:
-        with torch.serialization.safe_globals(_numpy_safe_globals()):
-            obj = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as e:
-        raise DecoderError(f"cannot load checkpoint {path} safely (weights_only): {type(e).__name__}: "
-                           f"{str(e).splitlines()[0][:200]}") from None
-    if not isinstance(obj, dict):
-        raise DecoderError(f"{path} is not an xwin checkpoint (it holds a {type(obj).__name__})")
-    return obj
+        return _weights_only_load(path, map_location, allow=_numpy_safe_globals())
+    except CheckpointError as e:
+        raise DecoderError(f"cannot load checkpoint {path} safely (weights_only): {e}") from None
 
 
 def load_world_model(ckpt, device="cpu"):
@@ -429,9 +427,9 @@ def _lr(step: int, c: DecoderConfig) -> float:
 
 
 def _atomic_torch_save(obj, path: Path) -> None:
-    tmp = path.parent / f".{path.name}.partial-{os.getpid()}"
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    from .train.checkpoint import atomic_save   # the training checkpoints' writer (fsync + rename)
+
+    atomic_save(obj, path)
 
 
 @torch.no_grad()

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Dict
+from typing import Dict, Sequence
 
 import torch
 import torch.nn as nn
@@ -65,16 +65,18 @@ class CheckpointError(XwinError):
 ENCODER_FORMAT = "xwin-encoder-v1"
 
 
-def safe_load(path, map_location="cpu") -> dict:
+def safe_load(path, map_location="cpu", allow: Sequence = ()) -> dict:
     """``torch.load(path, weights_only=True)``: tensors, plain containers and numbers only, never code.
 
     A file whose unpickling would build other objects (or run a ``__reduce__``) is refused with a
-    :class:`CheckpointError` before anything of it is executed.
+    :class:`CheckpointError` before anything of it is executed. ``allow``: extra globals the caller vouches
+    for (``torch.serialization.safe_globals``), e.g. numpy's array/dtype types for numpy RNG states.
     """
     import pickle
 
     try:
-        obj = torch.load(path, map_location=map_location, weights_only=True)
+        with torch.serialization.safe_globals(list(allow)):
+            obj = torch.load(path, map_location=map_location, weights_only=True)
     except FileNotFoundError:
         raise CheckpointError(f"checkpoint not found: {path}") from None
     except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, AttributeError, TypeError) as e:
