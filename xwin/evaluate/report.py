@@ -111,6 +111,11 @@ def plot_fewshot(fewshot: Dict, path: Path, title: str) -> None:
     ax.axhline(0.5, ls=":", color="grey", lw=0.8)
     ax.set_xlabel("shots per class")
     ax.set_ylabel("macro AUROC (test)")
+    _save(plt, fig, ax, title, path)
+
+
+def _save(plt, fig, ax, title: str, path: Path) -> None:
+    """Title, legend, layout, write, close: the common end of the one-axis figures."""
     ax.set_title(title, fontsize=9)
     ax.legend(fontsize=8)
     fig.tight_layout()
@@ -135,8 +140,4 @@ def plot_anatomy(anatomy: Dict, path: Path, title: str) -> None:
     ax.set_xticks(np.arange(len(names)))
     ax.set_xticklabels(names, rotation=20, ha="right", fontsize=8)
     ax.set_ylabel("test R²")
-    ax.set_title(title, fontsize=9)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(plt, fig, ax, title, path)
