@@ -36,9 +36,11 @@ import torch
 from . import reference as R
 from .layout import RAY_CENTER, RAY_FIRST, RAY_M, RAY_RECORD, RAY_U, RAY_V
 
-__all__ = ["params_grad_reference", "geometry_grad_op", "fused_siddon_op"]
+__all__ = ["params_grad", "params_grad_reference", "params_grad_triton", "geometry_grad_op", "fused_siddon_op"]
 
 _GRAD_CHUNK = 1 << 16
+#: rays per block when mapping per-ray numbers onto records on a GPU (few large operations)
+_GRAD_CHUNK_DEVICE = 1 << 20
 
 
 def _axis_terms(o, e, lo, hi, tlo, thi, upper_open):
@@ -60,6 +62,11 @@ def _axis_terms(o, e, lo, hi, tlo, thi, upper_open):
     ent = onehot(eax) * (emax > tlo).to(o.dtype)[:, None]
     ext = onehot(xax) * (xmin < thi).to(o.dtype)[:, None]
     return t0, t1, ent, ext, (xmin >= thi).to(o.dtype)
+
+
+def _where_hit(hit, t):
+    """``t`` where the ray meets the box, else 0."""
+    return torch.where(hit, t, torch.zeros_like(t))
 
 
 def _end_terms(f_end, onehot, t_end, e, sign):
@@ -120,11 +127,13 @@ def _siddon_ray_grads(flatvol, rb, w, shape):
         for k in acc:
             acc[k][last_ids] = live[k]
         last[last_ids] = live["last"]
-    hit = (t1 > t0).to(o.dtype)
+    hitb = t1 > t0
+    hit = hitb.to(o.dtype)
     go = torch.stack([acc["gox"], acc["goy"], acc["goz"]], 1)
     ge = torch.stack([acc["gex"], acc["gey"], acc["gez"]], 1)
-    a_o, a_e = _end_terms(first * hit, ent, t0, e, -1.0)          # entry: −f_first · ∂t0
-    b_o, b_e = _end_terms(last * hit, ext, t1, e, 1.0)            # exit: +f_last · ∂t1
+    # (a ray that misses may have an infinite t0 / t1: 0·inf would make its zero terms NaN)
+    a_o, a_e = _end_terms(first * hit, ent, _where_hit(hitb, t0), e, -1.0)   # entry: −f_first · ∂t0
+    b_o, b_e = _end_terms(last * hit, ext, _where_hit(hitb, t1), e, 1.0)     # exit: +f_last · ∂t1
     go = (go + a_o + b_o) * w[:, None]
     ge = (ge + a_e + b_e) * w[:, None]
     gL = last * hit * at_thi * w
@@ -141,7 +150,8 @@ def _trilinear_ray_grads(padvol, rb, w, shape, dt):
     G = torch.zeros(n, 3, device=dev, dtype=cdt)
     H = torch.zeros(n, 3, device=dev, dtype=cdt)
     F = torch.zeros(n, device=dev, dtype=cdt)
-    ids = torch.nonzero(t1 > t0).flatten()
+    hit = t1 > t0
+    ids = torch.nonzero(hit).flatten()
     if ids.numel():
         oi, ei, t0i = o[ids], e[ids], t0[ids]
         L = t1[ids] - t0i
@@ -160,12 +170,13 @@ def _trilinear_ray_grads(padvol, rb, w, shape, dt):
             Fi += (fval * inside).sum(1)
         G[ids], H[ids], F[ids] = Gi, Hi, Fi
     ge_dot = (G * e).sum(1)
+    t0 = _where_hit(hit, t0)                                          # (misses: t0 may be infinite)
     inv = torch.where(ent > 0, 1.0 / torch.where(e != 0, e, torch.ones_like(e)), torch.zeros_like(e))
     go = G - ge_dot[:, None] * inv                                   # ∂t0/∂o_a = −1/e_a on the entry axis
     ge = H - (ge_dot * t0)[:, None] * inv                            # ∂t0/∂e_a = −t0/e_a
     # ∂p/∂dt = Σ f_k + Σ ∇f_k·e (k + ½) = p/dt + ((H − t0 G)·e)/dt
     gdt = F + ((H - t0[:, None] * G) * e).sum(1) / dt
-    gdt = torch.where(t1 > t0, gdt, torch.zeros_like(gdt))
+    gdt = torch.where(hit, gdt, torch.zeros_like(gdt))
     return go * w[:, None], ge * w[:, None], torch.zeros_like(t0), gdt * w
 
 
@@ -228,23 +239,67 @@ def _params_grad_into(gp, gdt, volume, gout, prm, dt_mm, kind, rows, cols, metho
             gp[b] += _to_record(rb, kind, go, ge, gL, V)
 
 
+def _records_from_rays(rg, prm, kind, rows, cols, weights=None):
+    """(B, V, 24) record gradients and (B,) step gradients from per-ray numbers ``rg`` (B, V·rows·cols, 7 or 8):
+    ``[g_o (3), g_e (3), g_L, (g_dt)]``, times ``weights`` (B, V·rows·cols) when given. ``prm`` (B, V, 24) on
+    ``rg``'s device and dtype."""
+    B, V = prm.shape[:2]
+    gp = rg.new_zeros(B, V, RAY_RECORD)
+    gdt = rg.new_zeros(B)
+    chunk = _GRAD_CHUNK if rg.device.type == "cpu" else _GRAD_CHUNK_DEVICE
+    for b in range(B):
+        for start, rb in R.ray_blocks(prm[b], kind, rows, cols, chunk):
+            r = rg[b, start:start + rb.o.shape[0]]
+            if weights is not None:
+                r = r * weights[b, start:start + rb.o.shape[0], None]
+            gp[b] += _to_record(rb, kind, r[:, 0:3], r[:, 3:6], r[:, 6], V)
+            if r.shape[1] > 7:
+                gdt[b] += r[:, 7].sum()
+    return gp, gdt
+
+
+def params_grad_triton(volume: torch.Tensor, grad: torch.Tensor, params: torch.Tensor, dt_mm: torch.Tensor,
+                       kind: str, method: str):
+    """:func:`params_grad_reference` with the per-ray pass run by the Triton kernels of
+    :mod:`xwin.kernels.geomgrad_triton` (CUDA tensors, or any device under ``TRITON_INTERPRET=1``); the
+    mapping onto the records stays in torch, on the volume's device."""
+    from .geomgrad_triton import ray_grads
+
+    _, V, rows, cols = grad.shape
+    rg = ray_grads(volume, grad, params, dt_mm, kind, method)
+    prm = params.detach().to(device=rg.device, dtype=rg.dtype)
+    gp, gdt = _records_from_rays(rg, prm, kind, rows, cols)
+    return gp.to(device="cpu", dtype=torch.float64), gdt.to(device="cpu", dtype=torch.float64)
+
+
+def params_grad(volume, grad, params, dt_mm, kind: str, method: str, backend: str = "auto"):
+    """The geometry gradient by ``backend``: ``"triton"`` (the kernels), ``"torch"`` (the reference pass) or
+    ``"auto"`` (the kernels for CUDA tensors when Triton is importable, else the reference), as
+    :func:`xwin.kernels._backend.resolve_backend` chooses for the forward."""
+    from ._backend import resolve_backend
+
+    if resolve_backend(backend, volume.device) == "triton":
+        return params_grad_triton(volume, grad, params, dt_mm, kind, method)
+    return params_grad_reference(volume, grad, params, dt_mm, kind, method)
+
+
 # ------------------------------------------------------------------------------------------ the operator
 
 _LIB = torch.library.Library("xwin", "FRAGMENT")
-_LIB.define("project_geometry_grad(Tensor volume, Tensor grad, Tensor params, Tensor dt_mm, bool cone, str method) "
-            "-> (Tensor, Tensor)")
+_LIB.define("project_geometry_grad(Tensor volume, Tensor grad, Tensor params, Tensor dt_mm, bool cone, str method, "
+            "str backend=\"auto\") -> (Tensor, Tensor)")
 
 
 @torch.library.impl(_LIB, "project_geometry_grad", "CompositeExplicitAutograd")
-def _geometry_grad_impl(volume, grad, params, dt_mm, cone, method):
+def _geometry_grad_impl(volume, grad, params, dt_mm, cone, method, backend="auto"):
     B = volume.shape[0]
     prm = params.detach().expand(B, -1, -1)
     dts = dt_mm.detach().expand(B)
-    return params_grad_reference(volume, grad, prm, dts, "cone" if cone else "parallel", method)
+    return params_grad(volume, grad, prm, dts, "cone" if cone else "parallel", method, backend)
 
 
 @torch.library.register_fake("xwin::project_geometry_grad", lib=_LIB)
-def _(volume, grad, params, dt_mm, cone, method):
+def _(volume, grad, params, dt_mm, cone, method, backend="auto"):
     B = volume.shape[0]
     return (params.new_empty((B, params.shape[1], params.shape[2]), dtype=torch.float64),
             dt_mm.new_empty((B,), dtype=torch.float64))
@@ -311,17 +366,9 @@ def _fused_backward(ctx, grad, _grad_rg):
     if ctx.needs_input_grad[0]:
         gvol = backproject_op(grad.contiguous(), params, dt0, cone, X, Y, Z, "siddon", "torch", vdt, False)
     if ctx.needs_input_grad[1]:
-        cdt = rg.dtype
-        prm = params.detach().expand(B, -1, -1).to(device=rg.device, dtype=cdt)
-        V = prm.shape[1]
-        w_all = grad.detach().reshape(B, -1).to(cdt)
-        gp = torch.zeros(B, V, RAY_RECORD, device=rg.device, dtype=cdt)
-        kind = "cone" if cone else "parallel"
-        for b in range(B):
-            for start, rb in R.ray_blocks(prm[b], kind, rows, cols, _GRAD_CHUNK):
-                n = rb.o.shape[0]
-                r = rg[b, start:start + n] * w_all[b, start:start + n, None]
-                gp[b] += _to_record(rb, kind, r[:, 0:3], r[:, 3:6], r[:, 6], V)
+        prm = params.detach().expand(B, -1, -1).to(device=rg.device, dtype=rg.dtype)
+        w_all = grad.detach().reshape(B, -1).to(rg.dtype)
+        gp, _ = _records_from_rays(rg, prm, "cone" if cone else "parallel", rows, cols, w_all)
         gparams = gp.to(device="cpu", dtype=torch.float64)
         if params.shape[0] != B:
             gparams = gparams.sum(0, keepdim=True)
