@@ -34,16 +34,33 @@ from xwin.kernels import Projector as KernelProjector
 __all__ = ["Projector", "sirt", "cgls", "tv_recon", "tv_prox", "poisson_noise_norm", "gradient", "divergence", "tv"]
 
 
+#: grid-cache budget (bytes) of the Joseph operators of one reconstruction, shared by its subset operators
+JOSEPH_CACHE_BYTES = 1 << 30
+
+
 class Projector:
-    """``A`` and ``Aᵀ`` for one geometry and volume grid: :class:`xwin.kernels.Projector` (ray parameters
-    prepared once, not per iteration), counting calls and time."""
+    """``A`` and ``Aᵀ`` for one geometry and volume grid, counting calls and time.
+
+    ``method`` ``siddon`` / ``trilinear``: :class:`xwin.kernels.Projector` (rays prepared once, not per
+    iteration; Triton on CUDA, the torch reference on the CPU). ``joseph``:
+    :class:`xwin.reconstruct.joseph.JosephProjector` (RTK's Joseph operator, ~5-8× faster than the Siddon
+    reference on the CPU), working in ``dtype`` and keeping up to ``cache_bytes`` of sampling grids.
+    """
 
     def __init__(self, geometry: Geometry, volume_shape: Sequence[int], *, affine=None, method: str = "siddon",
-                 step: float = 0.5, backend: str = "auto"):
+                 step: float = 0.5, backend: str = "auto", dtype=torch.float32, device=None,
+                 cache_bytes: int = JOSEPH_CACHE_BYTES):
         if not isinstance(geometry, Geometry):
             raise TypeError(f"geometry must be an xwin.geometry.Geometry, got {type(geometry).__name__}")
         self.geometry, self.shape, self.affine = geometry, tuple(int(s) for s in volume_shape), affine
-        self.op = KernelProjector(geometry, self.shape, affine=affine, method=method, step=step, backend=backend)
+        self.method = method
+        if method == "joseph":
+            from .joseph import JosephProjector
+
+            self.op = JosephProjector(geometry, self.shape, affine=affine, dtype=dtype, device=device,
+                                      cache_bytes=cache_bytes)
+        else:
+            self.op = KernelProjector(geometry, self.shape, affine=affine, method=method, step=step, backend=backend)
         self.calls = {"project": 0, "backproject": 0}
         self.seconds = {"project": 0.0, "backproject": 0.0}
 
@@ -56,7 +73,7 @@ class Projector:
 
     def T(self, y: torch.Tensor) -> torch.Tensor:
         t = time.perf_counter()
-        out = self.op.T(y, dtype=y.dtype)
+        out = self.op.T(y) if self.method == "joseph" else self.op.T(y, dtype=y.dtype)
         self.calls["backproject"] += 1
         self.seconds["backproject"] += time.perf_counter() - t
         return out
@@ -165,8 +182,9 @@ def sirt(projections: torch.Tensor, geometry: Geometry, volume_shape: Sequence[i
 
 def _os_sirt(projections, geometry, volume_shape, *, affine, iterations, relaxation, subsets, nonneg, x0, tol,
              noise_norm, tau, method, step, backend, progress, callback, return_info, name, prox=None,
-             extra_info=None):
-    """Ordered-subsets SIRT; ``prox(x, C, state) -> (x, state)`` (if given) follows every subset update."""
+             extra_info=None, prox_every: int = 1):
+    """Ordered-subsets SIRT; ``prox(x, C, state, m) -> (x, state)`` (if given) follows every ``prox_every``-th
+    subset update and the last one of every pass, ``m`` the number of updates it follows."""
     shape = _check(projections, geometry, volume_shape, iterations)
     if not (0 < relaxation < 2):
         raise ValueError(f"relaxation must be in (0, 2), got {relaxation}")
@@ -181,7 +199,8 @@ def _os_sirt(projections, geometry, volume_shape, *, affine, iterations, relaxat
     ones = torch.ones(shape, dtype=b.dtype, device=b.device)
     for idx in groups:
         A_s = Projector(geometry if subsets == 1 else geometry[idx], shape, affine=affine, method=method,
-                        step=step, backend=backend)
+                        step=step, backend=backend, dtype=b.dtype, device=b.device,
+                        cache_bytes=JOSEPH_CACHE_BYTES // subsets)
         b_s = b if subsets == 1 else b[idx]
         ops.append(A_s)
         bs.append(b_s)
@@ -205,19 +224,22 @@ def _os_sirt(projections, geometry, volume_shape, *, affine, iterations, relaxat
         if subsets == 1:
             x = x + relaxation * Cs[0] * ops[0].T(Rs[0] * r)
             if prox is not None:
-                x, state = prox(x, C_full, state)
+                x, state = prox(x, C_full, state, 1)
             elif nonneg:
                 x.clamp_(min=0)
             r = b - ops[0](x)
             rnorm = _norm(r)
         else:
             rr = 0.0
-            for A_s, b_s, R_s, C_s in zip(ops, bs, Rs, Cs):
+            pending = 0
+            for s_i, (A_s, b_s, R_s, C_s) in enumerate(zip(ops, bs, Rs, Cs)):
                 r_s = b_s - A_s(x)
                 rr += _norm(r_s) ** 2
                 x = x + relaxation * C_s * A_s.T(R_s * r_s)
-                if prox is not None:
-                    x, state = prox(x, C_full, state)
+                pending += 1
+                if prox is not None and (pending >= prox_every or s_i == subsets - 1):
+                    x, state = prox(x, C_full, state, pending)
+                    pending = 0
                 elif nonneg:
                     x.clamp_(min=0)
             rnorm = math.sqrt(rr)
@@ -236,7 +258,7 @@ def _os_sirt(projections, geometry, volume_shape, *, affine, iterations, relaxat
         for key in A.calls:
             A.calls[key] += A_s.calls[key]
             A.seconds[key] += A_s.seconds[key]
-    extra = {"method": name, "relaxation": relaxation, "subsets": subsets}
+    extra = {"method": name, "relaxation": relaxation, "subsets": subsets, "projector": method}
     if extra_info is not None:
         extra.update(extra_info(x, C_full))
     return (x, _info(stop, k, A, t0, extra)) if return_info else x
@@ -252,7 +274,8 @@ def cgls(projections: torch.Tensor, geometry: Geometry, volume_shape: Sequence[i
     shape = _check(projections, geometry, volume_shape, iterations)
     t0 = time.perf_counter()
     b = projections.to(torch.float32) if projections.dtype != torch.float64 else projections
-    A = Projector(geometry, shape, affine=affine, method=method, step=step, backend=backend)
+    A = Projector(geometry, shape, affine=affine, method=method, step=step, backend=backend, dtype=b.dtype,
+                  device=b.device)
     x = torch.zeros(shape, dtype=b.dtype, device=b.device) if x0 is None else x0.to(b).clone()
     r = b - A(x) if x0 is not None else b.clone()
     s = A.T(r)
@@ -355,7 +378,8 @@ def _tv_pdhg(projections: torch.Tensor, geometry: Geometry, volume_shape: Sequen
         raise ValueError(f"tv_weight must be >= 0, got {tv_weight}")
     t0 = time.perf_counter()
     b = projections.to(torch.float32) if projections.dtype != torch.float64 else projections
-    A = Projector(geometry, shape, affine=affine, method=method, step=step, backend=backend)
+    A = Projector(geometry, shape, affine=affine, method=method, step=step, backend=backend, dtype=b.dtype,
+                  device=b.device)
     wts = _axis_weights(affine)
     ones = torch.ones(shape, dtype=b.dtype, device=b.device)
     A1 = A(ones)
@@ -440,7 +464,7 @@ def tv_prox(xt: torch.Tensor, theta, weights=(1.0, 1.0, 1.0), iterations: int = 
 
 def tv_recon(projections: torch.Tensor, geometry: Geometry, volume_shape: Sequence[int], *, affine=None,
              iterations: int = 30, tv_weight: float = 1e-5, subsets: int = 10, relaxation: float = 1.0,
-             prox_iterations: int = 10, algorithm: str = "os-prox", nonneg: bool = True,
+             prox_iterations: int = 10, prox_every: int = 1, algorithm: str = "os-prox", nonneg: bool = True,
              x0: Optional[torch.Tensor] = None, tol: float = 0.0, noise_norm: Optional[float] = None,
              tau: float = 1.0, method: str = "siddon", step: float = 0.5, backend: str = "auto", progress=None,
              callback: Optional[Callable] = None, return_info: bool = False, **pdhg_options):
@@ -453,6 +477,8 @@ def tv_recon(projections: torch.Tensor, geometry: Geometry, volume_shape: Sequen
     denoising with weight ``tv_weight`` (units of x: 1/mm for μ; 2e-4 /mm ≈ 10 HU). With ``subsets=1`` it is
     the preconditioned proximal-gradient (ISTA) method, which converges for ``relaxation ≤ 1``
     (``AᵀRA ≤ diag(Aᵀ1)``); more subsets trade that guarantee for speed, as OS methods do.
+    ``prox_every`` = m > 1 applies the prox once per m subset updates (and after the last one of a pass), with
+    m times the weight: with many small subsets the TV prox would otherwise cost more than the projections.
 
     ``algorithm="pdhg"``: preconditioned Chambolle–Pock on the unweighted ``½‖Ax − b‖² + λ TV`` (exact
     convex solver, one A and one Aᵀ per iteration, but SIRT-like speed; see the module docstring).
@@ -470,22 +496,26 @@ def tv_recon(projections: torch.Tensor, geometry: Geometry, volume_shape: Sequen
         raise ValueError(f"tv_weight must be >= 0, got {tv_weight}")
     if int(prox_iterations) < 1:
         raise ValueError(f"prox_iterations must be at least 1, got {prox_iterations}")
+    if int(prox_every) < 1:
+        raise ValueError(f"prox_every must be at least 1, got {prox_every}")
     wts = _axis_weights(affine)
     lam_holder = {}
 
-    def prox(x, C_full, p):
+    def prox(x, C_full, p, m):
         if "theta" not in lam_holder:
             seen = C_full > 0
             mean_at1 = float((1.0 / C_full[seen]).mean()) if bool(seen.any()) else 1.0
             lam_holder["lambda"] = float(tv_weight) * mean_at1
             lam_holder["theta"] = relaxation * lam_holder["lambda"] * C_full
-        return tv_prox(x, lam_holder["theta"], wts, prox_iterations, nonneg, p)
+        theta = lam_holder["theta"] if m == 1 else m * lam_holder["theta"]
+        return tv_prox(x, theta, wts, prox_iterations, nonneg, p)
 
     def extra(x, C_full):
         return {"tv_weight": tv_weight, "lambda": lam_holder.get("lambda"), "prox_iterations": prox_iterations,
-                "algorithm": "os-prox", "tv": tv(x, wts)}
+                "prox_every": int(prox_every), "algorithm": "os-prox", "tv": tv(x, wts)}
 
     return _os_sirt(projections, geometry, volume_shape, affine=affine, iterations=iterations,
                     relaxation=relaxation, subsets=subsets, nonneg=nonneg, x0=x0, tol=tol, noise_norm=noise_norm,
                     tau=tau, method=method, step=step, backend=backend, progress=progress, callback=callback,
-                    return_info=return_info, name="tv", prox=prox if tv_weight > 0 else None, extra_info=extra)
+                    return_info=return_info, name="tv", prox=prox if tv_weight > 0 else None, extra_info=extra,
+                    prox_every=int(prox_every))
