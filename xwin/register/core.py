@@ -153,9 +153,9 @@ def _check_target(target, geometry: Geometry) -> torch.Tensor:
 
 
 def register(volume: torch.Tensor, target, init: Geometry, *, affine=None, levels: Optional[Sequence] = None,
-             similarity: str = "ncc+gncc", method: str = "siddon", lr_rotation_deg: float = 1.0,
-             lr_translation_mm: float = 2.0, pivot=None, progress: bool = False, patience: int = 15,
-             callback: Optional[Callable[[int, int, float], None]] = None) -> RegistrationResult:
+             similarity: str = "ncc+gncc", method: str = "siddon", optimizer: str = "auto",
+             lr_rotation_deg: float = 1.0, lr_translation_mm: float = 2.0, pivot=None, progress: bool = False,
+             patience: int = 15, callback: Optional[Callable[[int, int, float], None]] = None) -> RegistrationResult:
     """Find the rigid pose change of ``init`` whose DRR of ``volume`` best matches ``target``.
 
     Args:
@@ -164,89 +164,157 @@ def register(volume: torch.Tensor, target, init: Geometry, *, affine=None, level
             (any roughly affine, increasing map of line integrals: "bright = dense").
         init: the initial geometry (world mm of the CT's frame).
         affine: the CT's voxel → world affine (4, 4); default identity.
-        levels: ``[(detector binning, iterations), ...]`` coarse to fine; default :func:`default_levels`.
+        levels: ``[(detector binning, iterations), ...]`` coarse to fine; default :func:`default_levels`
+            (Adam) or :func:`xwin.register.lm.default_lm_levels` (Levenberg–Marquardt).
         similarity: ``"ncc+gncc"`` (default: half global NCC, half gradient NCC), ``"ncc"``, ``"gncc"``,
             ``"mncc"`` (multiscale patch NCC).
         method: projector method, ``"siddon"`` (exact) or ``"trilinear"``.
+        optimizer: ``"lm"`` (Levenberg–Marquardt on the pixel Jacobian, :mod:`xwin.register.lm`; Siddon and
+            the NCC/gradient-NCC similarities only), ``"adam"``, or ``"auto"`` (``"lm"`` where it applies).
         lr_rotation_deg, lr_translation_mm: Adam step sizes at the first level (halved at every level,
             cosine-decayed to a tenth within a level).
         pivot: rotation centre (3,) world mm; default the CT's centre.
         progress: show a tqdm progress bar.
-        patience: leave a level after this many steps without a better loss (not before 2 × patience steps).
-        callback: called as ``callback(step, level, loss)`` after every step.
+        patience: Adam leaves a level after this many steps without a better loss (not before 2 × patience steps).
+        callback: called as ``callback(step, level, loss)`` after every step (every render for LM).
     """
+    from .lm import LEAST_SQUARES
+
     t_start = time.perf_counter()
     if not isinstance(init, Geometry):
         raise RegistrationError(f"init must be an xwin.geometry.Geometry, got {type(init).__name__}")
     if not isinstance(volume, torch.Tensor) or volume.ndim != 3:
         raise RegistrationError("volume must be an (X, Y, Z) tensor")
     sim = _similarity(similarity)
+    if optimizer not in ("auto", "lm", "adam"):
+        raise RegistrationError(f"optimizer must be 'auto', 'lm' or 'adam', got {optimizer!r}")
+    lm_ok = method == "siddon" and similarity in LEAST_SQUARES
+    if optimizer == "lm" and not lm_ok:
+        raise RegistrationError(f"optimizer 'lm' needs method 'siddon' and a similarity in {sorted(LEAST_SQUARES)}")
+    use_lm = optimizer == "lm" or (optimizer == "auto" and lm_ok)
     tgt = _check_target(target, init).to(volume.device)
     init = init.detach()
     A = np.eye(4) if affine is None else np.asarray(affine, dtype=np.float64)
     piv = volume_center(volume.shape, A) if pivot is None else torch.as_tensor(pivot, dtype=torch.float64).reshape(3)
-    levels = list(levels) if levels is not None else default_levels(init.cols)
+    if levels is None:
+        from .lm import default_lm_levels
+
+        levels = default_lm_levels(init.cols) if use_lm else default_levels(init.cols)
+    levels = [(int(f), int(it)) for f, it in levels]
     vol = volume.detach().to(torch.float32).contiguous()
-    min_spacing = float(np.linalg.norm(A[:3, :3], axis=0).min())
-    w_deg = torch.zeros(3, dtype=torch.float64, requires_grad=True)    # ω in degrees (axis-angle)
-    t_mm = torch.zeros(3, dtype=torch.float64, requires_grad=True)
-    losses, level_of, info = [], [], []
-    total = sum(int(it) for _, it in levels)
+    run = _run_lm if use_lm else _run_adam
     bar = None
     if progress:
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=total, desc="registering", dynamic_ncols=True)
-    step = 0
+        bar = tqdm(total=sum(it for _, it in levels), desc="registering", dynamic_ncols=True)
+    log = _Log(bar, callback, len(levels))
     try:
-        for li, (factor, iters) in enumerate(levels):
-            g_l = detector_level(init, int(factor))
-            t_l = image_level(tgt, int(factor))
-            # a pooled CT where the level's pixels are several voxels wide; the full CT at the last level
-            vfac = 1 if li == len(levels) - 1 else max(1, min(4, int(_pixel_at_pivot(g_l, piv) / min_spacing)))
-            vol_l, aff_l = volume_level(vol, A, vfac)
-            base = (lr_rotation_deg * 0.5 ** li, lr_translation_mm * 0.5 ** li)
-            opt = torch.optim.Adam([{"params": [w_deg], "lr": base[0]}, {"params": [t_mm], "lr": base[1]}])
-            best, since, done = math.inf, 0, 0
-            for k in range(int(iters)):
-                decay = 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * k / max(int(iters), 1)))
-                for group, b in zip(opt.param_groups, base):
-                    group["lr"] = b * decay
-                opt.zero_grad()
-                g = apply_pose(g_l, torch.deg2rad(w_deg), t_mm, piv)
-                drr = project(vol_l, g, affine=aff_l, method=method, check_finite=False)
-                loss = 1.0 - sim(drr, t_l)
-                loss.backward()
-                opt.step()
-                lv = float(loss.detach())
-                losses.append(lv)
-                level_of.append(li)
-                step += 1
-                done += 1
-                if bar is not None:
-                    bar.update(1)
-                    bar.set_postfix(level=f"{li + 1}/{len(levels)}", loss=f"{lv:.4f}")
-                if callback is not None:
-                    callback(step, li, lv)
-                if lv < best - 1e-6:
-                    best, since = lv, 0
-                else:
-                    since += 1
-                    if since >= patience and k >= 2 * patience:
-                        break
-            if bar is not None and done < iters:
-                bar.update(int(iters) - done)
-            info.append({"detector_binning": int(factor), "detector": [g_l.rows, g_l.cols], "ct_pooling": vfac,
-                         "steps": done, "final_loss": losses[-1] if losses else None})
+        omega, trans = run(vol, A, tgt, init, piv, levels, log, similarity=similarity, sim=sim, method=method,
+                           lr=(lr_rotation_deg, lr_translation_mm), patience=patience)
     finally:
         if bar is not None:
             bar.close()
     with torch.no_grad():
-        omega, trans = torch.deg2rad(w_deg.detach()), t_mm.detach().clone()
         final = apply_pose(init, omega, trans, piv)
-    return RegistrationResult(geometry=final, rotation=omega, translation=trans, pivot=piv, losses=losses,
-                              level_of_step=level_of, levels=info, seconds=time.perf_counter() - t_start,
+    return RegistrationResult(geometry=final, rotation=omega, translation=trans, pivot=piv, losses=log.losses,
+                              level_of_step=log.level_of, levels=log.info, seconds=time.perf_counter() - t_start,
                               similarity=similarity)
+
+
+class _Log:
+    """Loss curve, progress bar and callback, shared by both optimisers."""
+
+    def __init__(self, bar, callback, n_levels):
+        self.bar, self.callback, self.n_levels = bar, callback, n_levels
+        self.losses, self.level_of, self.info = [], [], []
+        self.level = 0
+
+    def step(self, loss: float):
+        self.losses.append(loss)
+        self.level_of.append(self.level)
+        if self.bar is not None:
+            self.bar.update(1)
+            self.bar.set_postfix(level=f"{self.level + 1}/{self.n_levels}", loss=f"{loss:.4f}")
+        if self.callback is not None:
+            self.callback(len(self.losses), self.level, loss)
+
+    def end_level(self, budget: int, done: int, **info):
+        if self.bar is not None and done < budget:
+            self.bar.update(budget - done)
+        self.info.append(dict(info, steps=done, final_loss=self.losses[-1] if self.losses else None))
+        self.level += 1
+
+
+def _ct_pooling(g_l: Geometry, piv, min_spacing: float) -> int:
+    """How much to pool the CT for a level: where the level's pixels are several voxels wide at the pivot."""
+    return max(1, min(4, int(_pixel_at_pivot(g_l, piv) / min_spacing)))
+
+
+def _run_adam(vol, A, tgt, init, piv, levels, log, *, sim, method, lr, patience, **_):
+    min_spacing = float(np.linalg.norm(A[:3, :3], axis=0).min())
+    w_deg = torch.zeros(3, dtype=torch.float64, requires_grad=True)    # ω in degrees (axis-angle)
+    t_mm = torch.zeros(3, dtype=torch.float64, requires_grad=True)
+    for li, (factor, iters) in enumerate(levels):
+        g_l = detector_level(init, factor)
+        t_l = image_level(tgt, factor)
+        # a pooled CT where the level's pixels are several voxels wide; the full CT at the last level
+        vfac = 1 if li == len(levels) - 1 else _ct_pooling(g_l, piv, min_spacing)
+        vol_l, aff_l = volume_level(vol, A, vfac)
+        base = (lr[0] * 0.5 ** li, lr[1] * 0.5 ** li)
+        opt = torch.optim.Adam([{"params": [w_deg], "lr": base[0]}, {"params": [t_mm], "lr": base[1]}])
+        best, since, done = math.inf, 0, 0
+        for k in range(iters):
+            decay = 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * k / max(iters, 1)))
+            for group, b in zip(opt.param_groups, base):
+                group["lr"] = b * decay
+            opt.zero_grad()
+            g = apply_pose(g_l, torch.deg2rad(w_deg), t_mm, piv)
+            drr = project(vol_l, g, affine=aff_l, method=method, check_finite=False)
+            loss = 1.0 - sim(drr, t_l)
+            loss.backward()
+            opt.step()
+            lv = float(loss.detach())
+            log.step(lv)
+            done += 1
+            if lv < best - 1e-6:
+                best, since = lv, 0
+            else:
+                since += 1
+                if since >= patience and k >= 2 * patience:
+                    break
+        log.end_level(iters, done, detector_binning=factor, detector=[g_l.rows, g_l.cols], ct_pooling=vfac)
+    return torch.deg2rad(w_deg.detach()), t_mm.detach().clone()
+
+
+#: the LM renders at least this many detector columns (or the whole detector) and pools to the level's size
+LM_RENDER_COLS = 64
+#: LM tolerances (a kept step smaller than both ends a level): coarse levels, last level
+LM_TOL = ((0.05, 0.05), (0.01, 0.02))
+
+
+def _run_lm(vol, A, tgt, init, piv, levels, log, *, similarity, **_):
+    from xwin.pose import so3_log
+
+    from .lm import lm_level
+
+    min_spacing = float(np.linalg.norm(A[:3, :3], axis=0).min())
+    R, t = torch.eye(3, dtype=torch.float64), torch.zeros(3, dtype=torch.float64)
+    cap = max(1, int(round(init.cols / LM_RENDER_COLS)))
+    for li, (factor, iters) in enumerate(levels):
+        last = li == len(levels) - 1
+        render = max(d for d in range(1, min(factor, cap) + 1) if factor % d == 0)
+        g_r = detector_level(init, render)
+        t_l = image_level(tgt, factor)
+        vfac = 1 if last else max(2, _ct_pooling(detector_level(init, factor), piv, min_spacing) // 2)
+        vol_l, aff_l = volume_level(vol, A, vfac)
+        tol = LM_TOL[1] if last else LM_TOL[0]
+        R, t, losses, _ = lm_level(vol_l, torch.as_tensor(aff_l, dtype=torch.float64), g_r, t_l, R, t, piv,
+                                   similarity=similarity, pool=factor // render, iterations=iters, tol_deg=tol[0],
+                                   tol_mm=tol[1], on_render=log.step)
+        log.end_level(iters, len(losses), detector_binning=factor, detector=[t_l.shape[-2], t_l.shape[-1]],
+                      rendered=[g_r.rows, g_r.cols], ct_pooling=vfac)
+    return so3_log(R), t
 
 
 def compose(pose_a: Tuple[torch.Tensor, torch.Tensor], pose_b: Tuple[torch.Tensor, torch.Tensor]):
