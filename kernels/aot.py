@@ -24,7 +24,7 @@ __all__ = ["kernel_specs", "compile_spec", "main"]
 
 
 #: the modules holding Triton kernels; each defines ``aot_specs()``
-KERNEL_MODULES = ("siddon", "trilinear", "fdk")
+KERNEL_MODULES = ("siddon", "trilinear", "fdk", "geomgrad_triton")
 
 
 def _with_size_one(specs):
