@@ -11,7 +11,7 @@ and, on the same trials, DiffDRR's ``Registration`` (axis-angle parameters) with
 ``MultiscaleNormalizedCrossCorrelation2d`` (patches [None, 13], weights [0.5, 0.5]), Adam, its Siddon renderer
 at the target's resolution.
 
-    python benchmarks/registration.py [--ct sample|PATH] [--trials 5] [--rot 10] [--trans 10] [--size 128]
+    python benchmarks/registration.py [--ct sample|phantom[:SEED]|PATH] [--trials 5] [--rot 10] [--trans 10] [--size 128]
                                       [--seed 0] [--diffdrr auto|off] [--diffdrr-steps 150] [--out FILE]
 """
 
@@ -40,7 +40,15 @@ def load_ct(which: str):
     from xwin.intensity import hu_to_mu
     from xwin.io import load_volume
 
-    ct = sample_ct() if which == "sample" else load_volume(which)
+    if which == "sample":
+        ct = sample_ct()
+    elif which.startswith("phantom"):
+        from xwin.phantom import chest_phantom
+
+        seed = int(which.split(":", 1)[1]) if ":" in which else 0
+        ct = chest_phantom(shape=(128, 128, 128), spacing=(3.0, 3.0, 3.0), seed=seed)
+    else:
+        ct = load_volume(which)
     data = ct.data if ct.data.ndim == 3 else ct.data[0]
     return hu_to_mu(data).float().contiguous(), np.asarray(ct.affine, dtype=np.float64)
 
@@ -62,11 +70,11 @@ def make_trials(mu, affine, k, rot, trans, size, seed):
     return trials, c
 
 
-def run_xwin(mu, affine, target, init):
+def run_xwin(mu, affine, target, init, optimizer="auto"):
     from xwin.register import register
 
     t, c = time.perf_counter(), time.process_time()
-    res = register(mu, target, init, affine=affine)
+    res = register(mu, target, init, affine=affine, optimizer=optimizer)
     return res.geometry, time.perf_counter() - t, len(res.losses), time.process_time() - c
 
 
@@ -185,7 +193,8 @@ def summary(rows):
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--ct", default="sample", help="'sample' (the embedded 128×128×133 chest CT) or a CT path")
+    ap.add_argument("--ct", default="sample", help="'sample' (the embedded 128×128×133 chest CT), 'phantom[:SEED]' "
+                    "(xwin.phantom.chest_phantom, 128³ voxels of 3 mm) or a CT path")
     ap.add_argument("--trials", type=int, default=5)
     ap.add_argument("--rot", type=float, default=10.0, help="largest initial rotation error R (degrees)")
     ap.add_argument("--trans", type=float, default=10.0, help="largest initial translation error T (mm)")
@@ -194,6 +203,8 @@ def main(argv=None) -> int:
     ap.add_argument("--diffdrr", choices=("auto", "off"), default="auto")
     ap.add_argument("--diffdrr-steps", type=int, default=150, help="DiffDRR's iteration budget per trial")
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--xwin-optimizer", choices=("auto", "lm", "adam"), default="auto",
+                    help="xwin.register's optimiser (auto = Levenberg-Marquardt for Siddon + NCC/gradient NCC)")
     ap.add_argument("--out", default=str(HERE / "results" / "local" / "registration.json"))
     args = ap.parse_args(argv)
     if args.threads:
@@ -210,7 +221,7 @@ def main(argv=None) -> int:
     for i, tr in enumerate(trials):
         target = project(mu, tr["truth"], affine=affine)
         init_err = float(mtre_geometries(tr["init"], tr["truth"], points))
-        g, sec, steps, cpu = run_xwin(mu, affine, target, tr["init"])
+        g, sec, steps, cpu = run_xwin(mu, affine, target, tr["init"], args.xwin_optimizer)
         rows["xwin"].append(dict(mtre_mm=float(mtre_geometries(g, tr["truth"], points)), seconds=sec, steps=steps,
                                  cpu_seconds=cpu, init_mtre_mm=init_err))
         line = (f"trial {i}: init {init_err:.2f} mm | xwin {rows['xwin'][-1]['mtre_mm']:.3f} mm {sec:.1f} s "
@@ -225,7 +236,8 @@ def main(argv=None) -> int:
         print(line, flush=True)
     result = {"command": "python benchmarks/registration.py " + " ".join(sys.argv[1:] if argv is None else argv),
               "ct": args.ct, "ct_shape": list(mu.shape), "trials": args.trials, "R_deg": args.rot, "T_mm": args.trans,
-              "detector": args.size, "seed": args.seed, "threads": torch.get_num_threads(),
+              "detector": args.size, "seed": args.seed,
+              "xwin_optimizer": args.xwin_optimizer, "threads": torch.get_num_threads(),
               "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
               "load_average_at_end": os.getloadavg(), "xwin": summary(rows["xwin"]),
               "diffdrr": summary(rows["diffdrr"]) if rows["diffdrr"] else {"skipped": why},

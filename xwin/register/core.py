@@ -29,7 +29,7 @@ from xwin.pose import apply_pose, so3_exp, volume_center
 from .similarity import similarity as _similarity
 
 __all__ = ["RegistrationError", "RegistrationResult", "register", "detector_level", "image_level", "volume_level",
-           "default_levels", "compose"]
+           "default_levels", "default_lm_levels", "compose"]
 
 
 class RegistrationError(XwinError):
@@ -134,6 +134,12 @@ def default_levels(cols: int, sizes: Sequence[int] = (32, 64, 128), iterations: 
     return out
 
 
+def default_lm_levels(cols: int, sizes: Sequence[int] = (16, 1 << 30), iterations: Sequence[int] = (15, 12)):
+    """The Levenberg–Marquardt optimiser's levels: comparisons about 16 pixels wide (the DRR rendered at
+    ``LM_RENDER_COLS`` or more and pooled), then the full detector; at most 15 and 12 iterations."""
+    return default_levels(cols, sizes, iterations)
+
+
 # ------------------------------------------------------------------------------------------ registration
 
 def _check_target(target, geometry: Geometry) -> torch.Tensor:
@@ -197,8 +203,6 @@ def register(volume: torch.Tensor, target, init: Geometry, *, affine=None, level
     A = np.eye(4) if affine is None else np.asarray(affine, dtype=np.float64)
     piv = volume_center(volume.shape, A) if pivot is None else torch.as_tensor(pivot, dtype=torch.float64).reshape(3)
     if levels is None:
-        from .lm import default_lm_levels
-
         levels = default_lm_levels(init.cols) if use_lm else default_levels(init.cols)
     levels = [(int(f), int(it)) for f, it in levels]
     vol = volume.detach().to(torch.float32).contiguous()

@@ -18,7 +18,7 @@ derivative is the identity.
 from __future__ import annotations
 
 import math
-from typing import List, Sequence, Tuple
+from typing import List, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -26,7 +26,8 @@ import torch.nn.functional as F
 from xwin.geometry import Geometry
 from xwin.pose import apply_pose, so3_exp
 
-__all__ = ["drr_and_pose_jacobian", "residual_terms", "residual_and_jacobian", "LEAST_SQUARES", "lm_level"]
+__all__ = ["drr_and_pose_jacobian", "residual_terms", "residual_and_jacobian", "LEAST_SQUARES", "lm_level",
+           "pool_drr_and_jacobian", "compose_left"]
 
 #: similarities with a least-squares form: (weight, image) terms, image None = the DRR itself, "x"/"y" = its Sobel
 #: derivative; 1 − similarity = Σ weight · (1 − NCC(term)) exactly as :mod:`xwin.register.similarity` defines them
@@ -187,14 +188,3 @@ def lm_level(volume: torch.Tensor, affine: torch.Tensor, geometry: Geometry, tar
         if math.degrees(float(delta[:3].norm())) < tol_deg and float(delta[3:].norm()) < tol_mm:
             break
     return R, t, losses, lam
-
-
-def default_lm_levels(cols: int, sizes: Sequence[int] = (16, 1 << 30), iterations: Sequence[int] = (15, 12)):
-    """(comparison binning, iterations) per level for :func:`lm_level`: comparisons about ``sizes`` pixels wide."""
-    out = []
-    for size, it in zip(sizes, iterations):
-        f = max(1, int(round(cols / size)))
-        if out and out[-1][0] == f:
-            continue
-        out.append((f, it))
-    return out
