@@ -13,8 +13,8 @@ mapping them onto the ray record:
 
 Each ray writes its eight numbers ``[g_o, g_e, g_L, g_dt]`` (zeros for rays that miss); nothing is stored
 per crossing or per sample. The arithmetic follows the reference operation for operation (same clipping,
-same walk and tie rule, same sample positions), so float64 results agree with it to ~1e-12 and float32 ones
-to float32 rounding. Mapping the per-ray numbers onto the 24-number records stays in torch
+same walk and tie rule, same sample positions), so float64 results agree with it to rounding and float32 ones
+to float32 rounding (tests/test_geomgrad_triton.py). Mapping the per-ray numbers onto the 24-number records stays in torch
 (``geomgrad._records_from_rays``).
 """
 

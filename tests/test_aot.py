@@ -18,6 +18,9 @@ def test_all_kernels_compile_for_sm80_and_sm90():
     names = {e["kernel"].split()[0] for e in report}
     assert {"siddon", "trilinear", "fdk_backproject", "siddon_grad", "trilinear_grad"} <= names
     assert {e["cc"] for e in report} == {80, 90}
+    from xwin.kernels.aot import kernel_specs
+
+    assert len(report) == 2 * len(kernel_specs())          # every variant of every kernel module, both targets
     assert all(e["ok"] for e in report)
     # no register spills to local memory in any variant
     spills = [e for e in report if e.get("resources") and "LOCAL:0" not in e["resources"]]
