@@ -12,8 +12,8 @@ from hypothesis import strategies as st
 from _helpers import rel_err, scenes
 from xwin.geometry import Geometry, circular_orbit
 from xwin.kernels import triton_available
-from xwin.kernels.fdk_backproject import (FDKBackprojectError, backproject_reference, backproject_triton,
-                                          fdk_backproject, view_matrices)
+from xwin.kernels.fdk_backproject import (FDKBackprojectError, backproject_reference, backproject_separable,
+                                          backproject_triton, fdk_backproject, separable_axis, view_matrices)
 
 DEV = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 TRITON_OK = triton_available(DEV)
@@ -193,11 +193,18 @@ def test_triton_writes_every_voxel_once(int64):
     assert rel_err(out.cpu(), ref) <= 2e-5
 
 
-def test_auto_backend_on_cpu_is_the_reference():
+def test_auto_backend_on_cpu_is_the_torch_path():
+    """On CPU tensors "auto" runs torch: the separable fast path when the orbit allows it (here: about z, so
+    volume axis 2), the general reference otherwise (tests/test_fdk_fast.py compares the two in depth)."""
     geom = _orbit("parallel")
     q = torch.rand(geom.num_views, geom.rows, geom.cols, dtype=torch.float64)
     M = view_matrices(geom)
-    assert torch.equal(fdk_backproject(q, M, (3, 4, 5)), backproject_reference(q, M, (3, 4, 5)))
+    assert separable_axis(M, (3, 4, 5), geom.rows, geom.cols) == 2
+    assert torch.equal(fdk_backproject(q, M, (3, 4, 5)), backproject_separable(q, M, (3, 4, 5)))
+    assert rel_err(fdk_backproject(q, M, (3, 4, 5)), backproject_reference(q, M, (3, 4, 5))) <= 1e-12
+    Mo = view_matrices(geom, OBLIQUE)                                # sheared grid: no separable axis
+    assert separable_axis(Mo, (3, 4, 5), geom.rows, geom.cols) is None
+    assert torch.equal(fdk_backproject(q, Mo, (3, 4, 5)), backproject_reference(q, Mo, (3, 4, 5)))
 
 
 # (ahead-of-time compilation of the kernel for sm_80 / sm_90: tests/test_aot.py, with every other kernel)

@@ -133,7 +133,7 @@ def fit_orbit(geometry: Geometry) -> Orbit:
         d = g.direction.numpy()
         pts = d / np.linalg.norm(d, axis=1, keepdims=True)
         m = np.zeros(3)
-    _, s, vt = np.linalg.svd(pts - m, full_matrices=True)
+    _, s, vt = np.linalg.svd(pts - m, full_matrices=False)
     if s[1] <= 1e-9 * max(s[0], 1e-300):
         raise ReconstructionError("the views lie on a line, not on a circular orbit: cannot do FDK/FBP")
     e1, e2, axis = vt[0], vt[1], vt[2]
@@ -263,14 +263,18 @@ def fdk_weights(geometry: Geometry, orbit: Optional[Orbit] = None, measured: Opt
         # in-plane fan angle of every column (through the principal point's row)
         F = S + sdd[:, None] * n
         rowF = np.clip(np.round(((F - g.center.numpy()) * v).sum(1) / (v * v).sum(1) + (R - 1) / 2), 0, R - 1)
-        cosw = np.empty((V, R, C))
-        P = np.empty((V, C, 3))
-        for b0 in range(0, V, 16):          # pixel positions a block of views at a time: bounded memory
-            idx = list(range(b0, min(V, b0 + 16)))
-            pix = g[idx].pixel_positions().numpy()                     # (b, R, C, 3)
-            cosw[idx] = sdd[idx, None, None] / np.linalg.norm(pix - S[idx, None, None, :], axis=-1)
-            P[idx] = pix[np.arange(len(idx)), rowF[idx].astype(int)]   # (b, C, 3)
-        dvec = P - S[:, None, :]
+        # pixel (r, c) - source = d0 + a·u + b·v (a, b: offsets from the detector centre in pixels), so
+        # |P - S|² = |d0 + a·u|² + b²|v|² + 2b·v·(d0 + a·u): per-column and per-row terms plus one product,
+        # without forming (V, R, C, 3) positions
+        a = np.arange(C) - (C - 1) / 2.0
+        b = np.arange(R) - (R - 1) / 2.0
+        dcol = (g.center.numpy() - S)[:, None, :] + a[None, :, None] * u[:, None, :]          # (V, C, 3)
+        cosw = (2.0 * b)[None, :, None] * (dcol * v[:, None, :]).sum(-1)[:, None, :]        # (V, R, C), in place:
+        cosw += (dcol * dcol).sum(-1)[:, None, :]                                             # |P - S|²
+        cosw += (b * b)[None, :, None] * (v * v).sum(1)[:, None, None]
+        np.sqrt(cosw, out=cosw)
+        np.divide(sdd[:, None, None], cosw, out=cosw)
+        dvec = dcol + (rowF - (R - 1) / 2.0)[:, None, None] * v[:, None, :]               # principal row - S
         phi = np.arctan2(dvec @ o.e2, dvec @ o.e1)                     # (V, C)
         gamma_ours = np.angle(np.exp(1j * (o.angles[:, None] + math.pi - phi)))
         du = np.linalg.norm(u, axis=1)
@@ -318,7 +322,7 @@ def fdk_weights(geometry: Geometry, orbit: Optional[Orbit] = None, measured: Opt
             rel = np.where(rel > o.span + 1e-9, rel - 2 * math.pi, rel)[:, None]
             red = parker_weights(rel, -gamma_ours, o.span)
             kind = f"short scan, Parker weights (delta = {math.degrees((o.span - math.pi) / 2):.2f} deg)"
-    pre = cosw * red[:, None, :]
+    pre = np.multiply(cosw, red[:, None, :], out=cosw)
     info = {"orbit": {"radius_mm": o.radius if g.kind == "cone" else None, "center": o.center.tolist(),
                       "axis": o.axis.tolist(), "span_deg": math.degrees(o.span), "full_scan": o.full_scan,
                       "fan_half_angle_deg": math.degrees(fan), "residual": o.residual,
