@@ -1,6 +1,11 @@
 """Reconstruction side by side with RTK: the same RTK-simulated projections reconstructed by RTK's CPU
-FDK / SART / CG / ADMM-TV and by xwin's FDK / SIRT / CGLS / TV; and xwin's forward projector against RTK's
+FDK / SART / CG / ADMM-TV and by xwin's FDK / SIRT / CGLS / TV; and xwin's forward projectors against RTK's
 Joseph forward projector.
+
+xwin's iterative rows use its Joseph operator (:mod:`xwin.reconstruct.joseph`, what ``python -m
+xwin.reconstruct`` uses on the CPU); ``--siddon-rows`` adds the same methods on the Siddon operator and the
+trilinear forward projection (the rows of earlier runs, a few minutes more). OS-SIRT and RTK's OS-SART run
+with 10 subsets and with ``--subsets`` (default: views / 2, two views per subset) each.
 
     python benchmarks/recon_speed.py              # sample CT at 64x64x66 (downsample 2), 120 views
     python benchmarks/recon_speed.py --quick      # downsample 4, 60 views, few iterations (a few minutes)
@@ -18,8 +23,8 @@ onto the volume's grid; the geometry reaches xwin through :func:`xwin.reconstruc
 Reported per method: PSNR / SSIM / RMSE against the truth over the same field of view (voxels seen in
 every view), wall time, peak RSS of the process during the method (VmHWM reset before it) and what it
 added to the RSS before it. Both toolkits use ``--threads`` CPU threads (ITK's global default and torch's).
-Forward projection: RTK Joseph vs xwin Siddon and trilinear (step 0.25 voxel), time and agreement (NCC,
-relative difference to RTK's).
+Forward projection: RTK Joseph vs xwin Joseph (and its adjoint's time), Siddon and (``--siddon-rows``)
+trilinear (step 0.25 voxel), time and agreement (NCC, relative difference to RTK's).
 
 Outputs: a printed table, ``<out>/recon_speed[_quick].json`` and ``.md``; ``<out>`` is
 ``benchmarks/results/local/`` (git-ignored) unless ``--write-tables`` (``benchmarks/results/``) or ``--out``.
@@ -101,6 +106,7 @@ def run(args) -> dict:
 
     from xwin.kernels import project
     from xwin.reconstruct import cgls, fdk, sirt, tv_recon
+    from xwin.reconstruct.joseph import JosephProjector
     from xwin.reconstruct.filters import fov_mask
     from xwin.reconstruct.report import image_metrics
     from xwin.reconstruct.rtk import rtk_to_vector
@@ -116,25 +122,51 @@ def run(args) -> dict:
     _ = rtk_forward(vol, type(rg)(sid=rg.sid[:1], sdd=rg.sdd[:1], gantry=rg.gantry[:1]), frame, rows, cols)
     p, t_rtk_fp, mem_fp, _ = timed(rtk_forward, vol, rg, frame, rows, cols)
     fwd = [{"name": "RTK Joseph", "seconds": round(t_rtk_fp, 3), "peak_rss_mib": round(mem_fp, 1)}]
-    for method, step in (("siddon", 0.5), ("trilinear", 0.25)):
-        ours, t, mem, _ = timed(project, vol.data, g, affine=aff, method=method, step=step)
+
+    def joseph_forward():
+        return JosephProjector(g, shape, affine=aff)(vol.data)          # set-up included
+
+    ops = [("xwin joseph (set-up included)", joseph_forward)]
+    ops += [(f"xwin {m}" + (f" (step {st})" if m == "trilinear" else ""),
+             lambda m=m, st=st: project(vol.data, g, affine=aff, method=m, step=st))
+            for m, st in (("siddon", 0.5),) + ((("trilinear", 0.25),) if args.siddon_rows else ())]
+    for name, fn in ops:
+        ours, t, mem, _ = timed(fn)
         ours = ours.numpy()
-        fwd.append({"name": f"xwin {method}" + (f" (step {step})" if method == "trilinear" else ""),
-                    "seconds": round(t, 3), "peak_rss_mib": round(mem, 1), "ncc_vs_rtk": round(_ncc(ours, p), 6),
-                    "rel_diff_vs_rtk": float(np.linalg.norm(ours - p) / np.linalg.norm(p))})
+        fwd.append({"name": name, "seconds": round(t, 3), "peak_rss_mib": round(mem, 1),
+                    "ncc_vs_rtk": round(_ncc(ours, p), 9), "rel_diff_vs_rtk": float(np.linalg.norm(ours - p) / np.linalg.norm(p))})
         print(fwd[-1], flush=True)
+    A = JosephProjector(g, shape, affine=aff)
+    _, t_bp, mem_bp, _ = timed(A.T, torch.from_numpy(p))
+    adjoint = {"name": "xwin joseph adjoint (set-up excluded)", "seconds": round(t_bp, 3),
+               "peak_rss_mib": round(mem_bp, 1)}
+    print(adjoint, flush=True)
     mask = fov_mask(g, shape, affine=aff)
     pt = torch.from_numpy(p)
     it = args.iterations
-    methods = [
-        ("RTK FDK", lambda: rtk_fdk(p, frame, rg, vol).data),
-        ("xwin FDK", lambda: fdk(pt, g, shape, affine=aff)),
-        (f"xwin OS-SIRT ({it} it, 10 subsets)", lambda: sirt(pt, g, shape, affine=aff, iterations=it, subsets=10)),
-        (f"xwin CGLS ({it} it)", lambda: cgls(pt, g, shape, affine=aff, iterations=it)),
-        (f"xwin TV ({it} it, 10 subsets, 1e-5/mm)", lambda: tv_recon(pt, g, shape, affine=aff, iterations=it,
-                                                                    tv_weight=1e-5)),
+    S = min(args.subsets or max(1, args.views // 2), args.views)
+    tw = args.tv_weight
+
+    def xwin_rows(op):
+        name = "Joseph" if op == "joseph" else op.capitalize()
+        return [
+            (f"xwin OS-SIRT {name} ({it} it, 10 subsets)",
+             lambda: sirt(pt, g, shape, affine=aff, iterations=it, subsets=10, method=op)),
+            (f"xwin OS-SIRT {name} ({it} it, {S} subsets)",
+             lambda: sirt(pt, g, shape, affine=aff, iterations=it, subsets=S, method=op)),
+            (f"xwin CGLS {name} ({it} it)", lambda: cgls(pt, g, shape, affine=aff, iterations=it, method=op)),
+            (f"xwin TV {name} ({it} it, {S} subsets, {tw:g}/mm)",
+             lambda: tv_recon(pt, g, shape, affine=aff, iterations=it, subsets=S, prox_every=max(1, S // 10),
+                              tv_weight=tw, method=op)),
+        ]
+
+    methods = [("RTK FDK", lambda: rtk_fdk(p, frame, rg, vol).data), ("xwin FDK", lambda: fdk(pt, g, shape, affine=aff))]
+    methods += xwin_rows("joseph") + (xwin_rows("siddon") if args.siddon_rows else [])
+    methods += [
         (f"RTK OS-SART ({it} it, 10 subsets)", lambda: rtk_iterative("sart", p, frame, rg, vol, iterations=it,
                                                                    subsets=10).data),
+        (f"RTK OS-SART ({it} it, {S} subsets)", lambda: rtk_iterative("sart", p, frame, rg, vol, iterations=it,
+                                                                    subsets=S).data),
         (f"RTK CG ({it} it)", lambda: rtk_iterative("cg", p, frame, rg, vol, iterations=it).data),
     ]
     if args.admm:
@@ -148,7 +180,8 @@ def run(args) -> dict:
                          "added_rss_mib": round(mem - before, 1), "psnr_db": m["psnr_db"], "ssim": m["ssim"],
                          "rmse_hu": m["rmse_hu"]})
         print(rows_out[-1], flush=True)
-    return {"scan": desc, "threads": args.threads, "iterations": it, "forward": fwd, "reconstruction": rows_out,
+    return {"scan": desc, "threads": args.threads, "iterations": it, "subsets": S, "forward": fwd, "adjoint": adjoint,
+            "reconstruction": rows_out,
             "fov_voxels": int(mask.sum()), "environment": C.environment(torch.device("cpu")),
             "loadavg_end": C.loadavg(), "itk": itk.Version.GetITKVersion()}
 
@@ -171,6 +204,9 @@ def markdown(res: dict) -> str:
         lines.append(f"| {r['name']} | {r['seconds']:.2f} | {r.get('ncc_vs_rtk', '—')} | "
                      f"{r['rel_diff_vs_rtk']:.2e} | {r['peak_rss_mib']:.0f} |" if "ncc_vs_rtk" in r else
                      f"| {r['name']} | {r['seconds']:.2f} | (reference) | — | {r['peak_rss_mib']:.0f} |")
+    if "adjoint" in res:
+        a = res["adjoint"]
+        lines.append(f"| {a['name']} | {a['seconds']:.2f} | — | — | {a['peak_rss_mib']:.0f} |")
     return "\n".join(lines) + "\n"
 
 
@@ -183,6 +219,10 @@ def main(argv=None) -> int:
     ap.add_argument("--offset", type=float, default=0.0, help="sideways detector shift in mm (half-fan scan)")
     ap.add_argument("--admm", type=int, default=0, help="also RTK ADMM-TV with this many AL iterations")
     ap.add_argument("--admm-alpha", type=float, default=1e-4, help="RTK ADMM-TV regularisation weight")
+    ap.add_argument("--subsets", type=int, default=None, help="the second subset count (default: views // 2)")
+    ap.add_argument("--tv-weight", type=float, default=1e-5, help="xwin TV weight (1/mm)")
+    ap.add_argument("--siddon-rows", action="store_true",
+                    help="also xwin's methods on the Siddon operator and the trilinear forward projection")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", default=None)
     ap.add_argument("--write-tables", action="store_true", help="write to benchmarks/results/ (committed)")

@@ -22,7 +22,7 @@ import math  # noqa: E402
 import sys  # noqa: E402
 from typing import List, Optional  # noqa: E402
 
-from .pipeline import DEFAULT_ITERS, DEFAULT_VIEWS, METHODS  # noqa: E402  (imports no torch)
+from .pipeline import DEFAULT_ITERS, DEFAULT_VIEWS, METHODS, RECON_PROJECTORS  # noqa: E402  (imports no torch)
 
 
 def _positive(kind, name):
@@ -109,7 +109,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--downsample", type=_positive(int, "--downsample"), default=2,
                    help="integer block-average downsampling of the CT before simulating (1 = full resolution)")
     p.add_argument("--projector", choices=("siddon", "trilinear"), default="siddon",
-                   help="projector used to simulate (and, for iterative methods, to reconstruct)")
+                   help="projector used to simulate (and, on a GPU, by the iterative methods to reconstruct)")
+    p.add_argument("--recon-projector", choices=RECON_PROJECTORS, default="auto",
+                   help="operator of the iterative methods: auto = joseph on the CPU (RTK's Joseph operator, "
+                        "fast there), --projector on a GPU")
     p.add_argument("--filter", choices=FILTERS, default="ram-lak", help="FDK/FBP ramp filter window")
     p.add_argument("--cutoff", type=_positive(float, "--cutoff"), default=1.0,
                    help="FDK/FBP filter cutoff, fraction of Nyquist (0, 1]")
@@ -160,7 +163,7 @@ def run(args) -> dict:
         sdd=args.sdd, detector=args.detector, pixel_size=args.pixel_size, downsample=args.downsample,
         projector=args.projector, filter=args.filter, cutoff=args.cutoff, iterations=args.iterations,
         subsets=args.subsets, tv_weight=args.tv_weight, noise=args.noise, seed=args.seed, device=args.device,
-        threads=args.threads, out=args.out, show=not args.quiet, options=options)
+        threads=args.threads, out=args.out, show=not args.quiet, options=options, recon_projector=args.recon_projector)
 
 
 def run_measured(args) -> dict:
@@ -177,7 +180,7 @@ def run_measured(args) -> dict:
         method=args.method, i0=args.i0, pixel_size=args.pixel_size, truth=args.truth, values=args.values,
         filter=args.filter, cutoff=args.cutoff, iterations=args.iterations, subsets=args.subsets,
         tv_weight=args.tv_weight, projector=args.projector, device=args.device, threads=args.threads, out=args.out,
-        show=not args.quiet, options=options)
+        show=not args.quiet, options=options, recon_projector=args.recon_projector)
 
 
 def summary_measured(mt: dict) -> str:
@@ -205,7 +208,8 @@ def _method_lines(rec: dict) -> list:
     if "iterations" in rec:
         if not rec["residual_history"]:
             return []
-        return [f"  iterations {rec['iterations']} ({rec['stop_reason']}), final relative residual "
+        op = f", {rec['projector']} operator" if rec.get("projector") else ""
+        return [f"  iterations {rec['iterations']} ({rec['stop_reason']}){op}, final relative residual "
                 f"{rec['residual_history'][-1]:.3e}"]
     if "filter" in rec:
         return [f"  filter     {rec['filter']} (cutoff {rec['cutoff']:g}), {rec['orbit']['redundancy']}"]

@@ -314,7 +314,7 @@ def cgls(projections: torch.Tensor, geometry: Geometry, volume_shape: Sequence[i
         bar.close()
     if nonneg:
         x = x.clamp(min=0)
-    return (x, _info(stop, k, A, t0, {"method": "cgls"})) if return_info else x
+    return (x, _info(stop, k, A, t0, {"method": "cgls", "projector": method})) if return_info else x
 
 
 # ---------------------------------------------------------------------------------------- TV (PDHG)
@@ -430,6 +430,33 @@ def _tv_pdhg(projections: torch.Tensor, geometry: Geometry, volume_shape: Sequen
     return (x, _info(stop, k, A, t0, extra)) if return_info else x
 
 
+def _gradient_into(x: torch.Tensor, weights, out: torch.Tensor) -> torch.Tensor:
+    """:func:`gradient` written into ``out`` (3, X, Y, Z) without temporaries."""
+    for a in range(3):
+        n = x.shape[a]
+        g = out[a]
+        if n >= 2:
+            head = g.narrow(a, 0, n - 1)
+            torch.sub(x.narrow(a, 1, n - 1), x.narrow(a, 0, n - 1), out=head)
+            if weights[a] != 1.0:
+                head.mul_(weights[a])
+        g.narrow(a, n - 1, 1).zero_()
+    return out
+
+
+def _divergence_into(z: torch.Tensor, weights, out: torch.Tensor) -> torch.Tensor:
+    """:func:`divergence` written into ``out`` (X, Y, Z)."""
+    out.zero_()
+    for a in range(3):
+        n = z.shape[1 + a]
+        if n < 2:
+            continue
+        head = z[a].narrow(a, 0, n - 1)
+        out.narrow(a, 0, n - 1).add_(head, alpha=weights[a])
+        out.narrow(a, 1, n - 1).sub_(head, alpha=weights[a])
+    return out
+
+
 def tv_prox(xt: torch.Tensor, theta, weights=(1.0, 1.0, 1.0), iterations: int = 10, nonneg: bool = True,
             p0: Optional[torch.Tensor] = None):
     """Weighted, constrained TV denoising (the proximal map of TV + non-negativity):
@@ -438,28 +465,39 @@ def tv_prox(xt: torch.Tensor, theta, weights=(1.0, 1.0, 1.0), iterations: int = 
 
     by FGP (Beck & Teboulle 2009): accelerated projected gradient on the dual field p (|p_j| ≤ 1),
     ``z(p) = P₊(xt + θ·div p)``. ``theta`` is a scalar or a volume (0 where a voxel is free of TV).
-    ``p0`` warm-starts the dual field. Returns (z, p).
+    ``p0`` warm-starts the dual field (it is not modified). Returns (z, p). Works in place on a few
+    preallocated buffers (no temporaries per iteration).
     """
     theta_t = torch.as_tensor(theta, dtype=xt.dtype, device=xt.device)
     tmax = float(theta_t.max())
     if tmax <= 0:
         return (xt.clamp(min=0) if nonneg else xt), p0
+    weights = tuple(float(w) for w in weights)
     eta = 1.0 / (4.0 * sum(w * w for w in weights) * tmax)       # 1/‖∇‖²·θmax  (‖∇‖² ≤ 4 Σ w_a²)
-    p = torch.zeros((3,) + tuple(xt.shape), dtype=xt.dtype, device=xt.device) if p0 is None else p0
+    shape3 = (3,) + tuple(xt.shape)
+    p = torch.zeros(shape3, dtype=xt.dtype, device=xt.device) if p0 is None else p0.clone()
     q = p.clone()
+    g = torch.empty_like(p)
+    z = torch.empty_like(xt)
+    nrm = torch.empty_like(xt)
     t = 1.0
 
-    def primal(d):
-        z = xt + theta_t * divergence(d, weights)
-        return z.clamp_(min=0) if nonneg else z
+    def primal(d, out):
+        _divergence_into(d, weights, out).mul_(theta_t).add_(xt)
+        return out.clamp_(min=0) if nonneg else out
 
     for _ in range(int(iterations)):
-        p_new = q + eta * gradient(primal(q), weights)
-        p_new = p_new / _pointwise_norm(p_new).clamp_(min=1.0)
+        _gradient_into(primal(q, z), weights, g)
+        g.mul_(eta).add_(q)                                       # p_new before the projection
+        torch.mul(g[0], g[0], out=nrm)
+        nrm.addcmul_(g[1], g[1]).addcmul_(g[2], g[2]).sqrt_().clamp_(min=1.0)
+        g.div_(nrm)                                               # p_new, |p_new| <= 1
         t_new = (1.0 + math.sqrt(1.0 + 4.0 * t * t)) / 2.0
-        q = p_new + ((t - 1.0) / t_new) * (p_new - p)
-        p, t = p_new, t_new
-    return primal(p), p
+        c = (t - 1.0) / t_new
+        torch.mul(g, 1.0 + c, out=q).add_(p, alpha=-c)            # q = p_new + c (p_new − p)
+        p, g = g, p
+        t = t_new
+    return primal(p, torch.empty_like(xt)), p
 
 
 def tv_recon(projections: torch.Tensor, geometry: Geometry, volume_shape: Sequence[int], *, affine=None,

@@ -156,12 +156,20 @@ class JosephProjector:
                 chunks.append(ch)
             self.groups.append((ax, P, chunks))
         self.cached_bytes = cached
+        # one reused buffer for the grids that are not cached (a fresh allocation per chunk and call costs
+        # page faults comparable to the sampling itself)
+        need = max((P * ch.alpha.shape[0] * 2 for _, P, chunks in self.groups for ch in chunks if ch.grid is None),
+                   default=0)
+        self._work = torch.empty(need, dtype=self.dtype, device=self.device) if need else None
 
     def _grid(self, ch: _Chunk, P: int) -> torch.Tensor:
         if ch.grid is not None:
             return ch.grid
-        planes = torch.arange(P, dtype=self.dtype, device=self.device).view(P, 1, 1, 1)
-        return torch.addcmul(ch.alpha.view(1, -1, 1, 2), planes, ch.beta.view(1, -1, 1, 2))
+        planes = torch.arange(P, dtype=self.dtype, device=self.device).view(P, 1)
+        M = ch.alpha.shape[0]
+        work = getattr(self, "_work", None)
+        out = None if work is None else work[:P * M * 2].view(P, 2 * M)
+        return torch.addcmul(ch.alpha.view(1, -1), planes, ch.beta.view(1, -1), out=out).view(P, M, 1, 2)
 
     # ------------------------------------------------------------------ operators
     def _check(self, x: torch.Tensor, shape, name: str):

@@ -24,8 +24,8 @@ import numpy as np
 
 from xwin.errors import XwinError
 
-from .pipeline import (Stages, check_method_options, prepare_output, reconstruct_projections, resolve_device,
-                       set_threads, write_outputs)
+from .pipeline import (DEFAULT_ITERS, Stages, check_method_options, prepare_output, reconstruct_projections,
+                       resolve_device, resolve_recon_projector, set_threads, write_outputs)
 
 __all__ = ["reconstruct_measured", "grid_affine"]
 
@@ -85,10 +85,12 @@ def reconstruct_measured(projections: str, geometry: str, *, like: Optional[str]
                          values: str = "hu", filter: str = "ram-lak", cutoff: float = 1.0,
                          iterations: Optional[int] = None, subsets: int = 10, tv_weight: float = 1e-5,
                          projector: str = "siddon", device: str = "auto", threads: Optional[int] = None,
-                         out: str = "recon_out", show: bool = False, options: Optional[dict] = None) -> dict:
+                         out: str = "recon_out", show: bool = False, options: Optional[dict] = None,
+                         recon_projector: str = "auto") -> dict:
     """Reconstruct the stack ``projections`` with the scan ``geometry`` (file paths; see the module notes);
     writes the outputs to ``out`` (created only once every input has been read and checked) and returns the
-    metrics dict."""
+    metrics dict. The iterative methods use ``recon_projector`` (``auto``: Joseph on the CPU, ``projector`` on a
+    GPU; see :func:`xwin.reconstruct.pipeline.resolve_recon_projector`)."""
     import torch
 
     from xwin.intensity import MU_WATER, hu_to_mu
@@ -126,6 +128,7 @@ def reconstruct_measured(projections: str, geometry: str, *, like: Optional[str]
         mu_truth = truth_vol.data.float() if values == "mu" else hu_to_mu(truth_vol.data.float())
     dev = resolve_device(device)
     set_threads(threads, dev)
+    recon_op = resolve_recon_projector(recon_projector, projector, dev) if method in DEFAULT_ITERS else None
     paths = prepare_output(out)                       # every input read and checked: now the folder may exist
     if show:
         print(f"xwin.reconstruct: {method.upper()} of {V} measured views ({R}x{C}, {g.kind} beam, geometry "
@@ -133,7 +136,7 @@ def reconstruct_measured(projections: str, geometry: str, *, like: Optional[str]
     p = stack.data.to(dev)
     rec, info = st.run("reconstruct", reconstruct_projections, p, g.to(dev) if dev.type == "cuda" else g, shape,
                        affine, method=method, filter=filter, cutoff=cutoff, iterations=iterations, subsets=subsets,
-                       tv_weight=tv_weight, projector=projector, show=show)
+                       tv_weight=tv_weight, projector=projector, show=show, recon_projector=recon_projector)
     title = f"{method.upper()} — {V} given {g.kind}-beam views — {stack.info['path']}"
     m = write_outputs(st, paths, rec.float(), None if mu_truth is None else mu_truth.to(dev), g, affine, p, info,
                       title, device=dev, values=values)
@@ -141,7 +144,7 @@ def reconstruct_measured(projections: str, geometry: str, *, like: Optional[str]
         "method": method, "input": stack.info, "geometry_file": gdesc, "volume_shape": list(shape),
         "volume_affine": np.asarray(affine).tolist(), "grid": grid_desc,
         "voxel_size_mm": np.linalg.norm(np.asarray(affine)[:3, :3], axis=0).tolist(),
-        "values": values, "mu_water_per_mm": MU_WATER, "projector": projector, "truth": truth,
+        "values": values, "mu_water_per_mm": MU_WATER, "projector": recon_op or projector, "truth": truth,
         "metrics": m, "time_s": dict(st.t, total=round(sum(st.t.values()), 3)), "memory": peak_memory(),
         "device": str(dev), "torch_threads": torch.get_num_threads(),
         "geometry": g.as_dict(), "reconstruction": dict(info), "options": options or {}, "outputs": paths,
