@@ -183,6 +183,7 @@ def backproject_reference(q: torch.Tensor, mats: torch.Tensor, volume_shape: Seq
 
 # ---------------------------------------------------------------------------------------- separable fast path
 
+_VIEWS_PER_BLOCK = 8        # views per grid_sample call when the budget allows (their sum is one reduction)
 SEPARABLE_TOL_PX = 1e-5     # largest column / row drift (pixels) along the line axis that the fast path may ignore
 
 
@@ -274,11 +275,11 @@ def backproject_separable(q: torch.Tensor, mats: torch.Tensor, volume_shape: Seq
     out = torch.zeros(B, X, Y, Z, device=dev, dtype=dt)
     out_lines = out.permute(0, 1 + pa, 1 + qa, 1 + axis)                     # (B, P, Q, L) view
     per = B * (R + 2) + 2 * L + 2 * B * L                                   # working elements per (line, view)
-    if Q * per <= budget:
-        qb = Q
-        pb = max(1, min(P, budget // (Q * per)))
+    lines = max(1, budget // (per * min(V, _VIEWS_PER_BLOCK)))              # lines per block
+    if Q <= lines:
+        qb, pb = Q, max(1, min(P, lines // Q))
     else:
-        qb, pb = max(1, min(Q, budget // per)), 1
+        qb, pb = lines, 1
     nb = pb * qb
     vb = max(1, min(V, budget // (nb * per)))                               # views per grid_sample
     vg = min(V, vb * max(1, budget // (16 * nb * vb)))                      # views per geometry step

@@ -129,3 +129,19 @@ def test_drift_tolerance():
     aff = _affine(2)
     aff[0, 2] = 1e-13
     _compare(geom, aff, shape)
+
+
+@pytest.mark.parametrize("n", [1, 7, 102, 129])
+def test_ram_lak_filter_is_the_linear_convolution_with_the_sampled_kernel(n):
+    """Ram-Lak pads to a 5-smooth length (216 for 102 columns): still exactly the linear convolution with
+    h[0] = 1/4, h[odd k] = −1/(πk)², and the same as the power-of-two padding the windows use."""
+    from xwin.reconstruct.filters import ramp_filter, ramp_response
+
+    p = torch.rand(3, 2, n, dtype=torch.float64, generator=torch.Generator().manual_seed(n))
+    k = torch.arange(n, dtype=torch.float64)[:, None] - torch.arange(n, dtype=torch.float64)[None, :]
+    h = torch.where(k == 0, torch.full_like(k, 0.25), torch.where(k.abs() % 2 == 1, -1 / (math.pi * k) ** 2, 0 * k))
+    want = p @ h.T
+    assert torch.allclose(ramp_filter(p), want, rtol=0, atol=1e-12 * float(want.abs().max()))
+    n_pad = max(64, 1 << (2 * n - 1).bit_length())
+    pow2 = torch.fft.irfft(torch.fft.rfft(p, n=n_pad) * ramp_response(n_pad), n=n_pad)[..., :n]
+    assert torch.allclose(ramp_filter(p), pow2, rtol=0, atol=1e-12 * float(want.abs().max()))
