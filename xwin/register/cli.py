@@ -39,8 +39,12 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--similarity", default="ncc+gncc", choices=("ncc+gncc", "ncc", "gncc", "mncc"),
                     help="image similarity (default: half global NCC, half gradient NCC)")
     ap.add_argument("--method", default="siddon", choices=("siddon", "trilinear"), help="projector (default siddon)")
+    ap.add_argument("--optimizer", default="auto", choices=("auto", "lm", "adam"),
+                    help="'lm': Levenberg-Marquardt on the DRR's pose Jacobian (Siddon with ncc/gncc/ncc+gncc); "
+                         "'adam': gradient steps; 'auto' (default): lm where it applies, else adam")
     ap.add_argument("--levels", default=None, metavar="W:N,...",
-                    help="coarse-to-fine levels as detector-width:iterations (default 32:80,64:50,128:30)")
+                    help="coarse-to-fine levels as detector-width:iterations (default: lm 16:15,FULL:12; "
+                         "adam 32:80,64:50,128:30)")
     ap.add_argument("--lr-rotation", type=float, default=1.0, help="Adam step for the rotation, degrees (default 1)")
     ap.add_argument("--lr-translation", type=float, default=2.0, help="Adam step for the translation, mm (default 2)")
     ap.add_argument("--pivot", default=None, metavar="X,Y,Z", help="rotation centre, world mm (default: CT centre)")
@@ -82,7 +86,7 @@ def _parse_levels(text: Optional[str], cols: int):
     from .core import default_levels
 
     if text is None:
-        return default_levels(cols)
+        return None
     try:
         pairs = [tuple(int(x) for x in item.split(":")) for item in text.split(",") if item.strip()]
         assert pairs and all(len(p) == 2 and p[0] > 0 and p[1] > 0 for p in pairs)
@@ -135,7 +139,7 @@ def write_figures(out: Path, target, drr_init, drr_final, losses, level_of_step)
     for k in range(1, len(level_of_step)):
         if level_of_step[k] != level_of_step[k - 1]:
             axis.axvline(k + 0.5, color="gray", lw=0.8, ls="--")
-    axis.set_xlabel("step (dashed: next resolution level)")
+    axis.set_xlabel("DRR render (dashed: next resolution level)")
     axis.set_ylabel("1 − similarity")
     axis.set_title("registration loss")
     fig.tight_layout()
@@ -176,7 +180,7 @@ def run(args) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     res = register(mu, target, init, affine=ct.affine, levels=levels, similarity=args.similarity, method=args.method,
-                   lr_rotation_deg=args.lr_rotation, lr_translation_mm=args.lr_translation, pivot=pivot,
+                   optimizer=args.optimizer, lr_rotation_deg=args.lr_rotation, lr_translation_mm=args.lr_translation, pivot=pivot,
                    progress=not args.no_progress)
     d = res.to_dict()
     d.update(ct=str(args.ct), target=str(args.xray), init_geometry=json.loads(init.to_json()), method=args.method)
@@ -187,7 +191,7 @@ def run(args) -> int:
             a = project(mu, init, affine=ct.affine)[0].numpy()
             b = project(mu, res.geometry, affine=ct.affine)[0].numpy()
         write_figures(out, target[0].numpy(), a, b, res.losses, res.level_of_step)
-    print(f"registered in {res.seconds:.1f} s ({len(res.losses)} steps): rotation "
+    print(f"registered in {res.seconds:.1f} s ({len(res.losses)} DRR renders): rotation "
           f"{np.degrees(float(res.rotation.norm())):.3f} deg, translation {float(res.translation.norm()):.3f} mm, "
           f"loss {res.losses[0]:.4f} -> {res.losses[-1]:.4f}; wrote {out / 'result.json'}")
     return 0

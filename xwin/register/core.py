@@ -295,6 +295,9 @@ def _run_adam(vol, A, tgt, init, piv, levels, log, *, sim, method, lr, patience,
 LM_RENDER_COLS = 64
 #: LM tolerances (a kept step smaller than both ends a level): coarse levels, last level
 LM_TOL = ((0.05, 0.05), (0.01, 0.02))
+#: a coarse LM level also ends when a kept step lowers the loss by less than this fraction (its optimum is not
+#: the final one: the pooled CT and images differ from the fine level's)
+LM_COARSE_RTOL = 0.05
 
 
 def _run_lm(vol, A, tgt, init, piv, levels, log, *, similarity, **_):
@@ -315,7 +318,7 @@ def _run_lm(vol, A, tgt, init, piv, levels, log, *, similarity, **_):
         tol = LM_TOL[1] if last else LM_TOL[0]
         R, t, losses, _ = lm_level(vol_l, torch.as_tensor(aff_l, dtype=torch.float64), g_r, t_l, R, t, piv,
                                    similarity=similarity, pool=factor // render, iterations=iters, tol_deg=tol[0],
-                                   tol_mm=tol[1], on_render=log.step)
+                                   tol_mm=tol[1], rtol=0.0 if last else LM_COARSE_RTOL, on_render=log.step)
         log.end_level(iters, len(losses), detector_binning=factor, detector=[t_l.shape[-2], t_l.shape[-1]],
                       rendered=[g_r.rows, g_r.cols], ct_pooling=vfac)
     return so3_log(R), t

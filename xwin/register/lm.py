@@ -145,14 +145,16 @@ def compose_left(R: torch.Tensor, t: torch.Tensor, delta: torch.Tensor) -> Tuple
 
 def lm_level(volume: torch.Tensor, affine: torch.Tensor, geometry: Geometry, target: torch.Tensor, R: torch.Tensor,
              t: torch.Tensor, pivot: torch.Tensor, *, similarity: str, pool: int, iterations: int,
-             tol_deg: float, tol_mm: float, on_render=None, lam: float = 1e-3, max_rejects: int = 3):
+             tol_deg: float, tol_mm: float, rtol: float = 0.0, on_render=None, lam: float = 1e-3,
+             max_rejects: int = 3):
     """Levenberg–Marquardt iterations at one pyramid level; returns ``(R, t, losses, lam)``.
 
     The geometry ``apply_pose(geometry, R, t, pivot)`` is rendered at the geometry's resolution, its DRR and
     Jacobian average-pooled by ``pool`` and compared with ``target`` (already pooled). A step solves
     ``(JᵀJ + λ diag(JᵀJ)) δ = −Jᵀr``; it is kept when the loss drops (λ ÷ 3), else λ × 10 and retried,
     at most ``max_rejects`` times in a row (then the level ends). The level also ends when a kept step
-    moves less than ``tol_deg`` and ``tol_mm``, or after ``iterations`` steps. Every render (kept or not)
+    moves less than ``tol_deg`` and ``tol_mm`` or lowers the loss by less than the fraction ``rtol``, or after
+    ``iterations`` steps. Every render (kept or not)
     appends its loss to ``losses`` and calls ``on_render(loss)``.
     """
     losses: List[float] = []
@@ -178,6 +180,7 @@ def lm_level(volume: torch.Tensor, affine: torch.Tensor, geometry: Geometry, tar
             R2, t2 = compose_left(R, t, delta)
             r2, Jr2, loss2 = evaluate(R2, t2)
             if loss2 < loss:
+                gain = (loss - loss2) / max(loss, 1e-30)
                 R, t, r, Jr, loss = R2, t2, r2, Jr2, loss2
                 lam = max(lam / 3.0, 1e-7)
                 break
@@ -185,6 +188,6 @@ def lm_level(volume: torch.Tensor, affine: torch.Tensor, geometry: Geometry, tar
             rejects += 1
             if rejects >= max_rejects:
                 return R, t, losses, lam
-        if math.degrees(float(delta[:3].norm())) < tol_deg and float(delta[3:].norm()) < tol_mm:
+        if (math.degrees(float(delta[:3].norm())) < tol_deg and float(delta[3:].norm()) < tol_mm) or gain < rtol:
             break
     return R, t, losses, lam
