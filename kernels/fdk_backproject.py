@@ -184,6 +184,7 @@ def backproject_reference(q: torch.Tensor, mats: torch.Tensor, volume_shape: Seq
 # ---------------------------------------------------------------------------------------- separable fast path
 
 _VIEWS_PER_BLOCK = 8        # views per grid_sample call when the budget allows (their sum is one reduction)
+_TWO_TAPS = torch.tensor([0, 1])
 SEPARABLE_TOL_PX = 1e-5     # largest column / row drift (pixels) along the line axis that the fast path may ignore
 
 
@@ -219,16 +220,16 @@ def _separable_taps(h: torch.Tensor, slope: torch.Tensor, view_base: torch.Tenso
     winv = torch.where(ahead, w, 1.0).reciprocal_().mul_(ahead)            # 0 at / behind the source
     col = (h[:, 0] * winv).clamp_(-1.0, float(C)).add_(1.0)                # table column, in [0, C + 1]
     c0 = col.floor().clamp_(max=float(C))
-    frac = col - c0
     wt = winv.square() if distance_weight else ahead.to(torch.float64)
-    idx = c0.long().add_(view_base[:, None]).reshape(-1, 1)
-    taps = torch.cat([idx, idx + 1], 1).view(-1)
-    psw = torch.stack([(1.0 - frac).mul_(wt), frac.mul_(wt)], -1).reshape(-1, 2).to(dt)
+    fw = col.sub_(c0).mul_(wt)                                              # frac·weight (col reused)
+    taps = (c0.long().add_(view_base[:, None]).unsqueeze(-1) + _TWO_TAPS.to(h.device)).view(-1)
+    psw = torch.stack([wt.sub_(fw), fw], -1).to(dt).view(-1, 2)
     # row(l) = (h1 + slope·l)/w ; grid x = (row + 1)·sx − 1 (align_corners=True on rows −1 .. R)
-    alpha = (h[:, 1] * winv).add_(1.0).mul_(sx).sub_(1.0).clamp_(-1e15, 1e15)
-    beta = (slope[:, None] * winv).mul_(sx).clamp_(-1e15, 1e15)
-    far = float(alpha.abs().max()) + float(beta.abs().max()) * length > 1e6
-    return taps, psw, torch.stack([alpha, beta], -1).reshape(-1, 2).to(dt), far
+    alpha = (h[:, 1] * winv).add_(1.0).mul_(sx).sub_(1.0)
+    beta = winv.mul_(slope[:, None]).mul_(sx)
+    coef = torch.stack([alpha, beta], -1).clamp_(-1e15, 1e15).to(dt).view(-1, 2)
+    bound = coef.abs().amax(0).tolist()
+    return taps, psw, coef, bound[0] + bound[1] * length > 1e6
 
 
 def backproject_separable(q: torch.Tensor, mats: torch.Tensor, volume_shape: Sequence[int], *, axis: Optional[int] = None,
