@@ -119,6 +119,21 @@ def pixel_tile(pid, ROWS, COLS, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
 
 
 @triton.jit
+def tile_rays(params_ptr, V, ROWS, COLS, NX, NY, NZ, IS_CONE: tl.constexpr, DTYPE: tl.constexpr,
+              BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+    """The common start of a projector-style program: its (b, v), tile pixels (rr, cc, in-detector mask), the
+    rays' o, e, [tlo, thi] (``ray_setup``), a zero vector and the sizes as DTYPE vectors (sizes equal to 1
+    arrive as Python constexprs under Triton's JIT specialisation: no ``.to()`` on them)."""
+    pid = tl.program_id(0)
+    v = tl.program_id(1)
+    b = tl.program_id(2)
+    rr, cc, pmask = pixel_tile(pid, ROWS, COLS, BLOCK_R, BLOCK_C)
+    ox, oy, oz, ex, ey, ez, tlo, thi = ray_setup(params_ptr, b, v, V, rr, cc, ROWS, COLS, IS_CONE, DTYPE)
+    zero = tl.zeros([BLOCK_R * BLOCK_C], DTYPE)
+    return b, v, rr, cc, pmask, ox, oy, oz, ex, ey, ez, tlo, thi, zero, zero + NX, zero + NY, zero + NZ
+
+
+@triton.jit
 def flat_offsets(b, v, V, rr, cc, ROWS, COLS, NX, NY, NZ, INT64: tl.constexpr):
     """Offset of volume b's first voxel, and of the pixels (rr, cc) of view v, in int64 when asked."""
     if INT64:
