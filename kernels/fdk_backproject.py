@@ -232,6 +232,51 @@ def _separable_taps(h: torch.Tensor, slope: torch.Tensor, view_base: torch.Tenso
     return taps, psw, coef, bound[0] + bound[1] * length > 1e6
 
 
+def _shared_rows(Md: torch.Tensor, shape) -> bool:
+    """Parallel beam (``w`` ≡ const) with every voxel on the same detector row in every view (a circular orbit
+    about the line axis): then step 2 is the same for all views and runs once on their sum."""
+    if bool((Md[:, 2, :3] != 0).any()) or bool((Md[:, 2, 3] <= 0).any()):
+        return False
+    rows = Md[:, 1] / Md[:, 2, 3:4]                                         # row of (i, j, k, 1), per view
+    ext = torch.tensor([max(s - 1, 1) for s in shape] + [1.0], dtype=torch.float64, device=Md.device)
+    return float(((rows - rows[:1]).abs() * ext).sum(1).max()) <= SEPARABLE_TOL_PX
+
+
+def _backproject_shared_rows(tab, Mo, slope, view_base, B, V, R, C, axes, out, out_lines, sx, basis, distance_weight,
+                             budget, progress, squeeze):
+    """:func:`backproject_separable` when :func:`_shared_rows`: step 1 sums every view's interpolated column
+    in one ``embedding_bag`` per line (bags of 2·views taps), step 2 samples that sum once per line."""
+    import torch.nn.functional as F
+
+    pa, qa, axis = axes
+    P, Q, L = out_lines.shape[1:]
+    dev, dt = tab.device, tab.dtype
+    lines = max(1, budget // (V * 8 + B * (R + 2) + 2 * L + B * L))
+    for p0 in range(0, P, max(1, lines // Q)):
+        p1 = min(P, p0 + max(1, lines // Q))
+        for q0 in range(0, Q, min(Q, lines)):
+            q1 = min(Q, q0 + min(Q, lines))
+            n = (p1 - p0) * (q1 - q0)
+            ip = torch.arange(p0, p1, device=dev, dtype=torch.float64)
+            iq = torch.arange(q0, q1, device=dev, dtype=torch.float64)
+            pq1 = torch.stack([ip.repeat_interleave(q1 - q0), iq.repeat(p1 - p0), torch.ones(n, device=dev,
+                                                                                          dtype=torch.float64)])
+            taps, psw, coef, far = _separable_taps(Mo @ pq1, slope, view_base, C, sx, distance_weight, dt, L)
+            taps = taps.view(V, n, 2).transpose(0, 1).reshape(-1)           # line-major: one bag per line
+            psw = psw.view(V, n, 2).transpose(0, 1).reshape(-1)
+            line = F.embedding_bag(taps, tab, torch.arange(0, 2 * V * n, 2 * V, device=dev), per_sample_weights=psw,
+                                   mode="sum")                               # (n, B·(R+2)): Σ over views
+            grid = (coef[:n] @ basis).view(n, 1, L, 2)                      # view 0's rows are every view's
+            if far:
+                grid.clamp_(-2.0, 2.0)
+            vals = F.grid_sample(line.view(n, B, 1, R + 2), grid, mode="bilinear", padding_mode="zeros",
+                                 align_corners=True)
+            out_lines[:, p0:p1, q0:q1].copy_(vals.view(p1 - p0, q1 - q0, B, L).permute(2, 0, 1, 3))
+            if progress is not None:
+                progress(V * n / (P * Q))
+    return out[0] if squeeze else out
+
+
 def backproject_separable(q: torch.Tensor, mats: torch.Tensor, volume_shape: Sequence[int], *, axis: Optional[int] = None,
                           distance_weight: bool = True, progress=None, budget: int = 1 << 20) -> torch.Tensor:
     """The contract for geometries where :func:`separable_axis` finds an axis (else FDKBackprojectError).
@@ -285,6 +330,9 @@ def backproject_separable(q: torch.Tensor, mats: torch.Tensor, volume_shape: Seq
     vb = max(1, min(V, budget // (nb * per)))                               # views per grid_sample
     vg = min(V, vb * max(1, budget // (16 * nb * vb)))                      # views per geometry step
     view_base = torch.arange(V, device=dev) * (C + 2)
+    if _shared_rows(Md, shape):
+        return _backproject_shared_rows(tab, Mo, slope, view_base, B, V, R, C, (pa, qa, axis), out, out_lines, sx, basis,
+                                        distance_weight, budget, progress, squeeze)
     gbuf = torch.empty(vb * nb, 2 * L, device=dev, dtype=dt)
     offsets = torch.arange(0, 2 * vb * nb, 2, device=dev)
     for p0 in range(0, P, pb):
