@@ -21,7 +21,8 @@ Pipeline (Feldkamp, Davis & Kress 1984; Kak & Slaney ch. 3 for the discrete scal
 4. **Scale.** Per view ``Δβ · D · SDD / du`` (cone) or ``Δβ / du`` (parallel), with ``du`` the column
    pitch (perpendicular to the rays for parallel beam); the backprojection divides by ``w²`` (``w`` the
    source–voxel distance along the central ray), so a uniform object reconstructs to its μ.
-5. **Backprojection**: voxel-driven, bilinear, :mod:`xwin.kernels.fdk_backproject` (Triton on CUDA).
+5. **Backprojection**: voxel-driven, bilinear, :mod:`xwin.kernels.fdk_backproject` (Triton on CUDA; on the
+   CPU a separable path when the rotation axis is a volume axis, the general ``grid_sample`` one otherwise).
 
 Assumptions (as in every FDK implementation): the detector rows are parallel to the orbit plane (``u`` is
 along the orbit's tangent) and the detector faces the source; tilted detectors would need rebinning.
