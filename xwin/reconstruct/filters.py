@@ -46,6 +46,7 @@ __all__ = ["FILTERS", "ReconstructionError", "ramp_response", "ramp_filter", "Or
            "parker_weights", "fdk_weights", "fdk", "fbp", "fov_mask"]
 
 FILTERS = ("ram-lak", "shepp-logan", "cosine", "hamming", "hann")
+_FILTER_BLOCK = 1 << 21       # detector pixels filtered at once (pre-weighting + FFT temporaries)
 
 
 class ReconstructionError(XwinError):
@@ -391,9 +392,15 @@ def fdk(projections: torch.Tensor, geometry: Geometry, volume_shape: Sequence[in
     p = projections.to(dt)
     p, geometry, measured = pad_displaced_detector(p, geometry)
     pre, scale, info = fdk_weights(geometry, measured=measured)
-    # the per-view scale commutes with the row filter: applied with the pre-weights, in one pass
-    pre = pre.mul_(scale[:, None, None]).to(device=p.device, dtype=dt)
-    q = ramp_filter(p * pre, filter, cutoff)
+    # the per-view scale commutes with the row filter: applied with the pre-weights, in one pass; blocks of
+    # views keep the FFT's temporaries small on full-size scans
+    pre = pre.mul_(scale[:, None, None])
+    q = torch.empty(p.shape, device=p.device, dtype=dt)
+    R, C = p.shape[-2:]
+    step = max(1, _FILTER_BLOCK // (R * C))
+    for v0 in range(0, p.shape[-3], step):
+        sl = slice(v0, v0 + step)
+        q[..., sl, :, :] = ramp_filter(p[..., sl, :, :] * pre[sl].to(device=p.device, dtype=dt), filter, cutoff)
     mats = view_matrices(geometry, affine)
     vol = fdk_backproject(q, mats, volume_shape, distance_weight=geometry.kind == "cone",
                           backend=backend, progress=progress)
