@@ -46,10 +46,13 @@ class JosephError(XwinError):
 
 
 class _Chunk:
-    __slots__ = ("idx", "alpha", "beta", "weight", "mask", "grid")
+    """Rays of one main axis that cross planes ``p0 … p1`` (at most): flat ray indices, grid coefficients
+    (coordinate = alpha + p·beta, normalised), step weights, an optional (planes, rays) validity mask."""
+    __slots__ = ("idx", "alpha", "beta", "weight", "mask", "grid", "p0", "planes")
 
-    def __init__(self, idx, alpha, beta, weight, mask):
+    def __init__(self, idx, alpha, beta, weight, mask, p0, p1):
         self.idx, self.alpha, self.beta, self.weight, self.mask = idx, alpha, beta, weight, mask
+        self.p0, self.planes = int(p0), int(p1) - int(p0) + 1
         self.grid = None
 
 
@@ -64,7 +67,7 @@ class JosephProjector:
     """
 
     def __init__(self, geometry: Geometry, volume_shape: Sequence[int], *, affine=None, dtype=torch.float32,
-                 device=None, chunk_bytes: int = 48 << 20, cache_bytes: int = 0):
+                 device=None, chunk_bytes: int = 48 << 20, cache_bytes: int = 0, plane_bins: int = 4):
         if not isinstance(geometry, Geometry):
             raise JosephError(f"geometry must be an xwin.geometry.Geometry, got {type(geometry).__name__}")
         shape = tuple(int(s) for s in volume_shape)
@@ -82,6 +85,7 @@ class JosephProjector:
         if a.shape != (4, 4) or not np.isfinite(a).all() or abs(np.linalg.det(a[:3, :3])) < 1e-12:
             raise JosephError(f"affine must be a finite, invertible (4, 4) voxel-to-world matrix, got shape {a.shape}")
         self.affine = a
+        self.plane_bins = max(1, int(plane_bins))
         self._setup(int(chunk_bytes), int(cache_bytes))
 
     # ------------------------------------------------------------------ set-up
@@ -111,6 +115,7 @@ class JosephProjector:
         step_mm = torch.linalg.vector_norm(d @ lin.T, dim=1)                          # world length of d
         item = torch.finfo(self.dtype).bits // 8
         self.groups = []
+        self.samples = 0
         cached = 0
         for ax in range(3):
             rays = torch.nonzero(main == ax).flatten()
@@ -119,53 +124,88 @@ class JosephProjector:
             others = [b for b in range(3) if b != ax]
             P = self.shape[ax]
             oa, da = o[rays, ax], d[rays, ax]
-            ok = da.abs() > 0
-            da_safe = torch.where(ok, da, torch.ones_like(da))
-            weight = torch.where(ok, step_mm[rays] / da_safe.abs(), torch.zeros_like(da))
+            da = torch.where(da == 0, torch.ones_like(da), da)            # d == 0: a pixel on the source
+            weight = torch.where(d[rays, ax] == 0, torch.zeros_like(da), step_mm[rays] / da.abs())
             alpha = torch.empty(rays.numel(), 2, dtype=torch.float64)
             beta = torch.empty_like(alpha)
+            # planes p where the crossing point lies inside (−1, N_b) along both other axes (elsewhere every
+            # bilinear tap is outside the grid: zero), conservatively rounded outwards
+            lo = torch.zeros_like(oa)
+            hi = torch.full_like(oa, P - 1.0)
             # grid_sample's coordinate 0 is the last axis (W), coordinate 1 the middle one (H);
             # align_corners=False: normalised g = (2·index + 1)/size − 1
-            for col, b in ((0, others[1]), (1, others[0])):
-                n = self.shape[b]
-                slope = d[rays, b] / da_safe
-                alpha[:, col] = (2.0 * (o[rays, b] - oa * slope) + 1.0) / n - 1.0
+            for col, bx in ((0, others[1]), (1, others[0])):
+                n = self.shape[bx]
+                slope, ob = d[rays, bx] / da, o[rays, bx]
+                alpha[:, col] = (2.0 * (ob - oa * slope) + 1.0) / n - 1.0
                 beta[:, col] = 2.0 * slope / n
-            # valid planes p: τ = (p − o_a)/d_a within [t_lo, t_hi]
+                flat = slope == 0
+                sl = torch.where(flat, torch.ones_like(slope), slope)
+                e0, e1 = oa + (-1.0 - ob) / sl, oa + (n - ob) / sl
+                inside = (ob > -1.0) & (ob < n)
+                lo = torch.maximum(lo, torch.where(flat, torch.where(inside, 0.0, float(P)),
+                                                   torch.minimum(e0, e1).floor()))
+                hi = torch.minimum(hi, torch.where(flat, torch.where(inside, P - 1.0, -1.0),
+                                                   torch.maximum(e0, e1).ceil()))
+            # cone beam: only the planes between the source and the pixel, τ = (p − o_a)/d_a ∈ [t_lo, t_hi]
             if np.isfinite(t_lo):
                 e0, e1 = oa + t_lo * da, oa + t_hi * da
-                lo, hi = torch.minimum(e0, e1).ceil(), torch.maximum(e0, e1).floor()
+                tlo, thi = torch.minimum(e0, e1).ceil(), torch.maximum(e0, e1).floor()
+                lo, hi = torch.maximum(lo, tlo), torch.minimum(hi, thi)
             else:
-                lo, hi = torch.full_like(oa, -np.inf), torch.full_like(oa, np.inf)
-            per_ray = P * 2 * item + P * item
-            m = max(1, chunk_bytes // per_ray)
+                tlo, thi = torch.full_like(oa, -np.inf), torch.full_like(oa, np.inf)
+            # bucket the rays by (first, last) plane in steps of q planes: one grid_sample call per bucket
+            # samples only the planes its rays cross (about half of all (ray, plane) pairs in a cone scan);
+            # rays that miss the grid (lo > hi) are dropped and stay 0
+            keep = torch.nonzero(lo <= hi).flatten()
+            q = max(1, -(-P // self.plane_bins))
+            lo_k, hi_k = lo[keep].long(), hi[keep].long()
+            key = (lo_k // q) * (P + 1) + hi_k // q
+            order = keep[torch.argsort(key, stable=True)]
+            key = key.sort(stable=True).values
+            _, inv, counts = torch.unique_consecutive(key, return_inverse=True, return_counts=True)
+            lo, hi, tlo, thi = lo[order].long(), hi[order].long(), tlo[order], thi[order]
+            nb = counts.numel()
+            p0s = torch.full((nb,), P, dtype=torch.long).scatter_reduce(0, inv, lo, "amin")
+            p1s = torch.full((nb,), -1, dtype=torch.long).scatter_reduce(0, inv, hi, "amax")
+            # a validity mask is needed where a ray's source/pixel bounds cut its bucket's plane range
+            cut = ((tlo > p0s[inv]) | (thi < p1s[inv])).to(torch.long)
+            cuts = torch.zeros(nb, dtype=torch.long).scatter_reduce(0, inv, cut, "amax")
+            dev, dt = self.device, self.dtype
+            rays_o, alpha_o = rays[order].to(dev), alpha[order].to(dt).to(dev)
+            beta_o, weight_o = beta[order].to(dt).to(dev), weight[order].to(dt).to(dev)
             chunks = []
-            planes = torch.arange(P, dtype=torch.float64)[:, None]
-            for s in range(0, rays.numel(), m):
-                sl = slice(s, s + m)
-                full = bool(((lo[sl] <= 0) & (hi[sl] >= P - 1)).all())
-                mask = None
-                if not full:
-                    mask = ((planes >= lo[sl][None]) & (planes <= hi[sl][None])).to(self.dtype).to(self.device)
-                ch = _Chunk(rays[sl].to(self.device), alpha[sl].to(self.dtype).to(self.device),
-                            beta[sl].to(self.dtype).to(self.device), weight[sl].to(self.dtype).to(self.device), mask)
-                nbytes = P * min(m, rays.numel() - s) * 2 * item
-                if cached + nbytes <= cache_bytes:
-                    ch.grid = self._grid(ch, P)
-                    cached += nbytes
-                chunks.append(ch)
+            start = 0
+            for cnt, p0, p1, cutb in zip(counts.tolist(), p0s.tolist(), p1s.tolist(), cuts.tolist()):
+                npl = p1 - p0 + 1
+                m = max(1, chunk_bytes // (npl * 3 * item))
+                for s0 in range(start, start + cnt, m):
+                    s1 = min(s0 + m, start + cnt)
+                    mask = None
+                    if cutb:
+                        planes = torch.arange(p0, p1 + 1, dtype=torch.float64)[:, None]
+                        mask = ((planes >= tlo[s0:s1][None]) & (planes <= thi[s0:s1][None])).to(dt).to(dev)
+                    ch = _Chunk(rays_o[s0:s1], alpha_o[s0:s1], beta_o[s0:s1], weight_o[s0:s1], mask, p0, p1)
+                    nbytes = npl * (s1 - s0) * 2 * item
+                    self.samples += npl * (s1 - s0)
+                    if cached + nbytes <= cache_bytes:
+                        ch.grid = self._grid(ch)
+                        cached += nbytes
+                    chunks.append(ch)
+                start += cnt
             self.groups.append((ax, P, chunks))
         self.cached_bytes = cached
         # one reused buffer for the grids that are not cached (a fresh allocation per chunk and call costs
         # page faults comparable to the sampling itself)
-        need = max((P * ch.alpha.shape[0] * 2 for _, P, chunks in self.groups for ch in chunks if ch.grid is None),
-                   default=0)
+        need = max((ch.planes * ch.alpha.shape[0] * 2 for _, _, chunks in self.groups for ch in chunks
+                    if ch.grid is None), default=0)
         self._work = torch.empty(need, dtype=self.dtype, device=self.device) if need else None
 
-    def _grid(self, ch: _Chunk, P: int) -> torch.Tensor:
+    def _grid(self, ch: _Chunk) -> torch.Tensor:
         if ch.grid is not None:
             return ch.grid
-        planes = torch.arange(P, dtype=self.dtype, device=self.device).view(P, 1)
+        P = ch.planes
+        planes = torch.arange(ch.p0, ch.p0 + P, dtype=self.dtype, device=self.device).view(P, 1)
         M = ch.alpha.shape[0]
         work = getattr(self, "_work", None)
         out = None if work is None else work[:P * M * 2].view(P, 2 * M)
@@ -189,8 +229,8 @@ class JosephProjector:
         for ax, P, chunks in self.groups:
             planes = x.permute(*_PERM[ax]).contiguous().unsqueeze(1)                  # (P, 1, H, W)
             for ch in chunks:
-                s = F.grid_sample(planes, self._grid(ch, P), mode="bilinear", padding_mode="zeros",
-                                  align_corners=False).view(P, -1)
+                s = F.grid_sample(planes[ch.p0:ch.p0 + ch.planes], self._grid(ch), mode="bilinear",
+                                  padding_mode="zeros", align_corners=False).view(ch.planes, -1)
                 if ch.mask is not None:
                     s = s * ch.mask
                 out.index_copy_(0, ch.idx, s.sum(0) * ch.weight)
@@ -209,10 +249,11 @@ class JosephProjector:
             dummy = torch.empty((P, 1) + pshape[1:], dtype=self.dtype, device=self.device)
             acc = torch.zeros_like(dummy)
             for ch in chunks:
+                n = ch.planes
                 g = (y.index_select(0, ch.idx) * ch.weight).view(1, -1)
-                go = (g * ch.mask if ch.mask is not None else g.expand(P, -1)).contiguous().view(P, 1, -1, 1)
-                acc += torch.ops.aten.grid_sampler_2d_backward(go, dummy, self._grid(ch, P), 0, 0, False,
-                                                               [True, False])[0]
+                go = (g * ch.mask if ch.mask is not None else g.expand(n, -1)).contiguous().view(n, 1, -1, 1)
+                acc[ch.p0:ch.p0 + n] += torch.ops.aten.grid_sampler_2d_backward(
+                    go, dummy[:n], self._grid(ch), 0, 0, False, [True, False])[0]
             inv = np.argsort(_PERM[ax])
             vol += acc.squeeze(1).permute(*inv)
         self.calls["backproject"] += 1
