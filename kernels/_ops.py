@@ -96,7 +96,7 @@ def _project_backward(ctx, grad):
         gvol = backproject_op(grad, params, dt_mm, cone, X, Y, Z, method, backend, vdt, False)
     if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
         from .geomgrad import geometry_grad_op
-        gparams, gdt = geometry_grad_op(volume, grad, params, dt_mm, cone, method)
+        gparams, gdt = geometry_grad_op(volume, grad, params, dt_mm, cone, method, backend)
         if gparams.shape[0] != params.shape[0]:          # one record broadcast over the batch
             gparams, gdt = gparams.sum(0, keepdim=True), gdt.sum(0, keepdim=True)
         gparams, gdt = gparams.to(params.dtype), gdt.to(dt_mm.dtype)
