@@ -171,11 +171,13 @@ def test_fdk_filters_in_blocks_of_views(monkeypatch):
     gives the same reconstruction, batched or not, as all views at once."""
     import xwin.reconstruct.filters as filters
 
-    geom = _scan("cone", views=10, rows=5, cols=9, det_offset=(0.0, 0.0))
     p = torch.rand(2, 10, 5, 9, dtype=torch.float64, generator=torch.Generator().manual_seed(11))
     aff = _affine(2)
-    whole = filters.fdk(p, geom, (5, 6, 4), affine=aff)
-    monkeypatch.setattr(filters, "_FILTER_BLOCK", 1)
-    blocked = filters.fdk(p, geom, (5, 6, 4), affine=aff)
-    assert whole.abs().max() > 0 and torch.allclose(blocked, whole, rtol=1e-12, atol=1e-15)
-    assert torch.allclose(filters.fdk(p[1], geom, (5, 6, 4), affine=aff), whole[1], rtol=1e-12, atol=1e-15)
+    for kind in ("cone", "parallel"):
+        geom = _scan(kind, views=10, rows=5, cols=9, det_offset=(0.0, 0.0))
+        monkeypatch.setattr(filters, "_FILTER_BLOCK", 1 << 21)
+        whole = filters.fdk(p, geom, (5, 6, 4), affine=aff)
+        monkeypatch.setattr(filters, "_FILTER_BLOCK", 1)
+        blocked = filters.fdk(p, geom, (5, 6, 4), affine=aff)
+        assert whole.abs().max() > 0 and torch.allclose(blocked, whole, rtol=1e-12, atol=1e-15)
+        assert torch.allclose(filters.fdk(p[1], geom, (5, 6, 4), affine=aff), whole[1], rtol=1e-12, atol=1e-15)

@@ -275,6 +275,16 @@ def fdk_weights(geometry: Geometry, orbit: Optional[Orbit] = None, measured: Opt
     filter works in pixel units); ``info`` a dict describing the orbit for the metrics file. ``measured``:
     the columns that hold data when the stack was padded (:func:`pad_displaced_detector`).
     """
+    cosine, red, scale, info = _fdk_factors(geometry, orbit, measured)
+    pre = cosine(slice(None))
+    pre *= red[:, None, :]
+    return torch.from_numpy(pre), torch.from_numpy(np.asarray(scale, dtype=np.float64)), info
+
+
+def _fdk_factors(geometry: Geometry, orbit: Optional[Orbit] = None, measured: Optional[slice] = None):
+    """:func:`fdk_weights` in factors: ``(cosine, red, scale, info)`` with ``cosine(views)`` the cosine
+    pre-weights (n, rows, cols) of a slice of views (computed on demand: fdk() weights blocks of views) and
+    ``red`` (V, cols) the redundancy weights, float64 numpy."""
     g = geometry.to("cpu")
     o = orbit or fit_orbit(g)
     V, R, C = g.num_views, g.rows, g.cols
@@ -294,11 +304,14 @@ def fdk_weights(geometry: Geometry, orbit: Optional[Orbit] = None, measured: Opt
         a = np.arange(C) - (C - 1) / 2.0
         b = np.arange(R) - (R - 1) / 2.0
         dcol = (g.center.numpy() - S)[:, None, :] + a[None, :, None] * u[:, None, :]          # (V, C, 3)
-        cosw = (2.0 * b)[None, :, None] * (dcol * v[:, None, :]).sum(-1)[:, None, :]        # (V, R, C), in place:
-        cosw += (dcol * dcol).sum(-1)[:, None, :]                                             # |P - S|²
-        cosw += (b * b)[None, :, None] * (v * v).sum(1)[:, None, None]
-        np.sqrt(cosw, out=cosw)
-        np.divide(sdd[:, None, None], cosw, out=cosw)
+        col_v, col_sq, row_sq = (dcol * v[:, None, :]).sum(-1), (dcol * dcol).sum(-1), (v * v).sum(1)
+
+        def cosine(views):
+            cosw = (2.0 * b)[None, :, None] * col_v[views, None, :]                  # (n, R, C), in place:
+            cosw += col_sq[views, None, :]                                           # |P - S|²
+            cosw += (b * b)[None, :, None] * row_sq[views, None, None]
+            np.sqrt(cosw, out=cosw)
+            return np.divide(sdd[views, None, None], cosw, out=cosw)
         dvec = dcol + (rowF - (R - 1) / 2.0)[:, None, None] * v[:, None, :]               # principal row - S
         phi = np.arctan2(dvec @ o.e2, dvec @ o.e1)                     # (V, C)
         gamma_ours = np.angle(np.exp(1j * (o.angles[:, None] + math.pi - phi)))
@@ -308,7 +321,8 @@ def fdk_weights(geometry: Geometry, orbit: Optional[Orbit] = None, measured: Opt
     else:
         d = g.direction.numpy()
         d = d / np.linalg.norm(d, axis=1, keepdims=True)
-        cosw = np.ones((V, R, C))
+        def cosine(views):
+            return np.ones((len(range(V)[views]), R, C))
         gamma_ours = np.zeros((V, C))
         u_perp = u - (u * d).sum(1, keepdims=True) * d
         du = np.linalg.norm(u_perp, axis=1)
@@ -347,12 +361,11 @@ def fdk_weights(geometry: Geometry, orbit: Optional[Orbit] = None, measured: Opt
             rel = np.where(rel > o.span + 1e-9, rel - 2 * math.pi, rel)[:, None]
             red = parker_weights(rel, -gamma_ours, o.span)
             kind = f"short scan, Parker weights (delta = {math.degrees((o.span - math.pi) / 2):.2f} deg)"
-    pre = np.multiply(cosw, red[:, None, :], out=cosw)
     info = {"orbit": {"radius_mm": o.radius if g.kind == "cone" else None, "center": o.center.tolist(),
                       "axis": o.axis.tolist(), "span_deg": math.degrees(o.span), "full_scan": o.full_scan,
                       "fan_half_angle_deg": math.degrees(fan), "residual": o.residual,
                       "redundancy": kind}}
-    return torch.from_numpy(pre), torch.from_numpy(np.asarray(scale, dtype=np.float64)), info
+    return cosine, red, np.asarray(scale, dtype=np.float64), info
 
 
 # ---------------------------------------------------------------------------------------- FDK / FBP
@@ -391,16 +404,19 @@ def fdk(projections: torch.Tensor, geometry: Geometry, volume_shape: Sequence[in
     dt = torch.float64 if projections.dtype == torch.float64 else torch.float32
     p = projections.to(dt)
     p, geometry, measured = pad_displaced_detector(p, geometry)
-    pre, scale, info = fdk_weights(geometry, measured=measured)
+    cosine, red, scale, info = _fdk_factors(geometry, measured=measured)
     # the per-view scale commutes with the row filter: applied with the pre-weights, in one pass; blocks of
-    # views keep the FFT's temporaries small on full-size scans
-    pre = pre.mul_(scale[:, None, None])
+    # views keep the weights' and the FFT's temporaries small on full-size scans
+    red = red * scale[:, None]
     q = torch.empty(p.shape, device=p.device, dtype=dt)
     R, C = p.shape[-2:]
     step = max(1, _FILTER_BLOCK // (R * C))
     for v0 in range(0, p.shape[-3], step):
         sl = slice(v0, v0 + step)
-        q[..., sl, :, :] = ramp_filter(p[..., sl, :, :] * pre[sl].to(device=p.device, dtype=dt), filter, cutoff)
+        pre = cosine(sl)
+        pre *= red[sl, None, :]
+        q[..., sl, :, :] = ramp_filter(p[..., sl, :, :] * torch.from_numpy(pre).to(device=p.device, dtype=dt),
+                                       filter, cutoff)
     mats = view_matrices(geometry, affine)
     vol = fdk_backproject(q, mats, volume_shape, distance_weight=geometry.kind == "cone",
                           backend=backend, progress=progress)
