@@ -6,8 +6,10 @@ the true one moved by a random rotation about the CT centre (uniform random axis
 and a random translation (uniform random direction, length uniform in [0, T] mm). Success: mTRE < 1 mm, the
 mean displacement of 8 CT points (the centres of the CT box's octants) between the true and the found camera
 frames (:func:`xwin.pose.mtre_geometries`). Reported: success rate, median mTRE, median seconds per
-registration (wall clock, and the process's CPU time, which a shared machine disturbs less), for xwin
-and, on the same trials, DiffDRR's ``Registration`` (axis-angle parameters) with its
+registration (wall clock, and the process's CPU time, which a shared machine disturbs less) and steps (DRR
+renders with their derivatives: one per Adam step, one per tried Levenberg-Marquardt step), for xwin
+(``xwin.register.register`` with its defaults, Levenberg-Marquardt; ``--xwin-optimizer adam`` for its Adam) and,
+on the same trials, DiffDRR's ``Registration`` (axis-angle parameters) with its
 ``MultiscaleNormalizedCrossCorrelation2d`` (patches [None, 13], weights [0.5, 0.5]), Adam, its Siddon renderer
 at the target's resolution.
 
