@@ -247,15 +247,16 @@ class JosephProjector:
         for ax, P, chunks in self.groups:
             pshape = tuple(self.shape[i] for i in _PERM[ax])
             dummy = torch.empty((P, 1) + pshape[1:], dtype=self.dtype, device=self.device)
-            acc = torch.zeros_like(dummy)
+            # the identity permutation accumulates straight into the volume, the others into a slab stack
+            acc = vol.unsqueeze(1) if ax == 0 else torch.zeros_like(dummy)
             for ch in chunks:
                 n = ch.planes
                 g = (y.index_select(0, ch.idx) * ch.weight).view(1, -1)
                 go = (g * ch.mask if ch.mask is not None else g.expand(n, -1)).contiguous().view(n, 1, -1, 1)
                 acc[ch.p0:ch.p0 + n] += torch.ops.aten.grid_sampler_2d_backward(
                     go, dummy[:n], self._grid(ch), 0, 0, False, [True, False])[0]
-            inv = np.argsort(_PERM[ax])
-            vol += acc.squeeze(1).permute(*inv)
+            if ax != 0:
+                vol += acc.squeeze(1).permute(*np.argsort(_PERM[ax]))
         self.calls["backproject"] += 1
         self.seconds["backproject"] += time.perf_counter() - t0
         return vol
