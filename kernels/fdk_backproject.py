@@ -25,7 +25,7 @@ matrix has ``M[0, a] = M[2, a] = 0``: a voxel's column and ``w`` do not change a
 affine in the index along ``a``. So each view is interpolated along ``u`` once per line of voxels (a
 two-tap ``embedding_bag``) and then along ``v`` for the whole line at once (a 1-D linear interpolation
 done by ``grid_sample`` on a one-row image per line) - the same zero-padded bilinear value, 3-4x faster on
-one CPU thread (measured on the benchmarks' sizes; about 4.5 ns per voxel and view). For parallel beam a
+one CPU thread (measured on the benchmarks' sizes: about 6 ns per voxel and view here). For parallel beam a
 voxel's row is the same in every view, so the views are summed before the row interpolation (another
 ~6x). :func:`separable_axis` decides (a drift test in pixels); :func:`fdk_backproject` uses the fast path
 on the torch backend whenever it applies; the Triton kernel (GPU) is the general one.
