@@ -185,7 +185,7 @@ def backproject_reference(q: torch.Tensor, mats: torch.Tensor, volume_shape: Seq
 
 # ---------------------------------------------------------------------------------------- separable fast path
 
-_VIEWS_PER_BLOCK = 8        # views per grid_sample call when the budget allows (their sum is one reduction)
+_VIEWS_PER_BLOCK = 16       # views per grid_sample call when the budget allows (their sum is one reduction)
 _TWO_TAPS = torch.tensor([0, 1])
 SEPARABLE_TOL_PX = 1e-5     # largest column / row drift (pixels) along the line axis that the fast path may ignore
 
@@ -284,7 +284,7 @@ def _backproject_shared_rows(tab, Mo, slope, view_base, B, V, R, C, axes, out, o
 
 
 def backproject_separable(q: torch.Tensor, mats: torch.Tensor, volume_shape: Sequence[int], *, axis: Optional[int] = None,
-                          distance_weight: bool = True, progress=None, budget: int = 1 << 20) -> torch.Tensor:
+                          distance_weight: bool = True, progress=None, budget: int = 1 << 21) -> torch.Tensor:
     """The contract for geometries where :func:`separable_axis` finds an axis (else FDKBackprojectError).
 
     The voxels are lines along the axis ``a``; ``n`` indexes a line (its two other indices), ``l`` the
