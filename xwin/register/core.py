@@ -134,10 +134,15 @@ def default_levels(cols: int, sizes: Sequence[int] = (32, 64, 128), iterations: 
     return out
 
 
-def default_lm_levels(cols: int, sizes: Sequence[int] = (16, 1 << 30), iterations: Sequence[int] = (15, 12)):
-    """The Levenberg–Marquardt optimiser's levels: comparisons about 16 pixels wide (the DRR rendered at
-    ``LM_RENDER_COLS`` or more and pooled), then the full detector; at most 15 and 12 iterations."""
-    return default_levels(cols, sizes, iterations)
+def default_lm_levels(cols: int, sizes: Sequence[int] = (8, 16, 64, 1 << 30), iterations: Sequence[int] = (10, 15, 8, 12)):
+    """The Levenberg–Marquardt optimiser's levels: comparisons about 8, 16 and 64 pixels wide (the DRR rendered at
+    ``LM_RENDER_COLS`` or more and pooled), then the full detector; at most 10, 15, 8 and 12 iterations. Sizes
+    that give the same binning merge into one level with the larger iteration budget."""
+    out = {}
+    for size, it in zip(sizes, iterations):
+        f = max(1, int(round(cols / size)))
+        out[f] = max(it, out.get(f, 0))
+    return sorted(out.items(), key=lambda p: -p[0])
 
 
 # ------------------------------------------------------------------------------------------ registration
@@ -295,9 +300,6 @@ def _run_adam(vol, A, tgt, init, piv, levels, log, *, sim, method, lr, patience,
 LM_RENDER_COLS = 64
 #: LM tolerances (a kept step smaller than both ends a level): coarse levels, last level
 LM_TOL = ((0.05, 0.05), (0.01, 0.02))
-#: a coarse LM level also ends when a kept step lowers the loss by less than this fraction (its optimum is not
-#: the final one: the pooled CT and images differ from the fine level's)
-LM_COARSE_RTOL = 0.05
 
 
 def _run_lm(vol, A, tgt, init, piv, levels, log, *, similarity, **_):
@@ -305,21 +307,28 @@ def _run_lm(vol, A, tgt, init, piv, levels, log, *, similarity, **_):
 
     from .lm import lm_level
 
-    min_spacing = float(np.linalg.norm(A[:3, :3], axis=0).min())
+    spacing = np.linalg.norm(A[:3, :3], axis=0)
+    min_spacing, max_spacing = float(spacing.min()), float(spacing.max())
     R, t = torch.eye(3, dtype=torch.float64), torch.zeros(3, dtype=torch.float64)
     cap = max(1, int(round(init.cols / LM_RENDER_COLS)))
     for li, (factor, iters) in enumerate(levels):
         last = li == len(levels) - 1
         render = max(d for d in range(1, min(factor, cap) + 1) if factor % d == 0)
         g_r = detector_level(init, render)
-        t_l = image_level(tgt, factor)
-        vfac = 1 if last else max(2, _ct_pooling(detector_level(init, factor), piv, min_spacing) // 2)
+        pool = factor // render
+        if last:
+            # compare no finer than a voxel: where pixels (at the pivot) are smaller than the CT's voxels, the
+            # DRR is a staircase of voxel blocks and the gradient NCC of its edges has spurious minima
+            pool *= max(1, min(4, math.ceil(max_spacing / _pixel_at_pivot(g_r, piv) - 1e-6)))
+        t_l = image_level(tgt, render * pool)
+        # the CT pooled 2x (or more) where the comparison pools the render 4x or more, else the full CT
+        vfac = 1 if last or pool < 4 else max(2, _ct_pooling(detector_level(init, factor), piv, min_spacing) // 2)
         vol_l, aff_l = volume_level(vol, A, vfac)
         tol = LM_TOL[1] if last else LM_TOL[0]
         R, t, losses, _ = lm_level(vol_l, torch.as_tensor(aff_l, dtype=torch.float64), g_r, t_l, R, t, piv,
-                                   similarity=similarity, pool=factor // render, iterations=iters, tol_deg=tol[0],
-                                   tol_mm=tol[1], rtol=0.0 if last else LM_COARSE_RTOL, on_render=log.step)
-        log.end_level(iters, len(losses), detector_binning=factor, detector=[t_l.shape[-2], t_l.shape[-1]],
+                                   similarity=similarity, pool=pool, iterations=iters, tol_deg=tol[0],
+                                   tol_mm=tol[1], on_render=log.step)
+        log.end_level(iters, len(losses), detector_binning=render * pool, detector=[t_l.shape[-2], t_l.shape[-1]],
                       rendered=[g_r.rows, g_r.cols], ct_pooling=vfac)
     return so3_log(R), t
 
