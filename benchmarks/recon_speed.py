@@ -5,7 +5,8 @@ Joseph forward projector.
 xwin's iterative rows use its Joseph operator (:mod:`xwin.reconstruct.joseph`, what ``python -m
 xwin.reconstruct`` uses on the CPU); ``--siddon-rows`` adds the same methods on the Siddon operator and the
 trilinear forward projection (the rows of earlier runs, a few minutes more). OS-SIRT and RTK's OS-SART run
-with 10 subsets and with ``--subsets`` (default: views / 2, two views per subset) each.
+with 10 subsets and with ``--subsets`` (default: views / 2, two views per subset) each; OS-SIRT also with
+Nesterov momentum between passes (``sirt(..., momentum=True)``).
 
     python benchmarks/recon_speed.py              # sample CT at 64x64x66 (downsample 2), 120 views
     python benchmarks/recon_speed.py --quick      # downsample 4, 60 views, few iterations (a few minutes)
@@ -152,6 +153,8 @@ def run(args) -> dict:
              lambda: sirt(pt, g, shape, affine=aff, iterations=it, subsets=10, method=op)),
             (f"xwin OS-SIRT {name} ({it} it, {S} subsets)",
              lambda: sirt(pt, g, shape, affine=aff, iterations=it, subsets=S, method=op)),
+            (f"xwin OS-SIRT {name} + momentum ({it} it, {S} subsets)",
+             lambda: sirt(pt, g, shape, affine=aff, iterations=it, subsets=S, method=op, momentum=True)),
             (f"xwin CGLS {name} ({it} it)", lambda: cgls(pt, g, shape, affine=aff, iterations=it, method=op)),
             (f"xwin TV {name} ({it} it, {S} subsets, {tw:g}/mm)",
              lambda: tv_recon(pt, g, shape, affine=aff, iterations=it, subsets=S, prox_every=max(1, S // 10),

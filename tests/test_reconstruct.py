@@ -408,6 +408,27 @@ def test_sample_ct_iterative_on_the_joseph_operator_reaches_bound(sample_small, 
     assert ps >= lo_p and ss >= lo_s, (ps, ss)
 
 
+def test_os_momentum_speeds_up_consistent_data_and_needs_subsets(sample_small):
+    """Nesterov momentum between OS passes: on data the operator explains exactly (Joseph data, Joseph
+    operator) 6 passes with momentum beat 6 without (measured 39.41 vs 37.85 dB at ds 4, 60 views, 30 subsets)."""
+    from xwin.reconstruct.joseph import JosephProjector
+    from xwin.reconstruct.scan import scan_geometry
+
+    mu, aff = sample_small
+    g, _ = scan_geometry(tuple(mu.shape), aff, kind="cone", sid=1000.0, sdd=1500.0, arc=360.0, views=60)
+    p = JosephProjector(g, mu.shape, affine=aff)(mu.float())
+    plain, info0 = sirt(p, g, mu.shape, affine=aff, iterations=6, subsets=30, method="joseph", return_info=True)
+    fast, info1 = sirt(p, g, mu.shape, affine=aff, iterations=6, subsets=30, method="joseph", momentum=True,
+                       return_info=True)
+    assert info1["momentum"] and not info0["momentum"]
+    assert info1["projector_calls"] == info0["projector_calls"]          # same cost per pass
+    assert float(fast.min()) >= 0
+    ps0, ps1 = _quality(plain, mu)[0], _quality(fast, mu)[0]
+    assert ps1 > ps0 + 1.0, (ps0, ps1)
+    with pytest.raises(ValueError, match="momentum"):
+        sirt(p, g, mu.shape, affine=aff, iterations=1, subsets=1, method="joseph", momentum=True)
+
+
 def test_tv_prox_every_m_subsets_scales_the_weight(sample_small):
     """prox_every=m: one prox per m subset updates (and at the end of each pass) with m times the weight."""
     mu, aff = sample_small

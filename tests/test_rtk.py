@@ -295,6 +295,7 @@ def _rtk_joseph_backproject(p, frame, rg, like):
     return volume_from_itk(bp.GetOutput()).data
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", ["full", "short", "half"])
 def test_xwin_joseph_equals_rtk_joseph_and_its_backprojection(rtk_runs, case):
     """xwin's Joseph operator (xwin.reconstruct.joseph) is RTK's Joseph forward projector on a volume with an

@@ -166,24 +166,28 @@ def sirt(projections: torch.Tensor, geometry: Geometry, volume_shape: Sequence[i
          iterations: int = 100, relaxation: float = 1.0, subsets: int = 1, nonneg: bool = True,
          x0: Optional[torch.Tensor] = None, tol: float = 0.0, noise_norm: Optional[float] = None, tau: float = 1.0,
          method: str = "siddon", step: float = 0.5, backend: str = "auto", progress=None,
-         callback: Optional[Callable] = None, return_info: bool = False):
+         callback: Optional[Callable] = None, return_info: bool = False, momentum: bool = False):
     """SIRT: ``x ← P₊(x + relaxation · C Aᵀ R (b − A x))``; ``relaxation`` in (0, 2).
 
     ``subsets`` > 1 gives ordered-subsets SIRT (OS-SART; interleaved view subsets visited far apart in
     angle): one iteration is one pass over all subsets, same cost as a SIRT iteration but many more updates;
     the residual recorded for a pass is then assembled from the subsets' residuals as they were visited.
+    ``momentum`` (ordered subsets only): Nesterov extrapolation between passes — the next pass starts from
+    ``P₊(x_k + (t_k − 1)/t_{k+1} · (x_k − x_{k−1}))`` (FISTA's sequence; "OS + momentum", Kim, Ramani & Fessler,
+    IEEE TMI 2015). Same cost per pass; measured +1.75 dB after 10 passes on noise-free data (docs/reconstruct.md);
+    like every OS method it carries no convergence guarantee, so use it with a stopping rule on noisy data.
     ``progress``: True for a tqdm bar, or a tqdm-like factory ``progress(total=, desc=)``.
     ``callback(k, x)`` after every iteration. Returns x (and an info dict with ``return_info``).
     """
     return _os_sirt(projections, geometry, volume_shape, affine=affine, iterations=iterations,
                     relaxation=relaxation, subsets=subsets, nonneg=nonneg, x0=x0, tol=tol, noise_norm=noise_norm,
                     tau=tau, method=method, step=step, backend=backend, progress=progress, callback=callback,
-                    return_info=return_info, name="sirt")
+                    return_info=return_info, name="sirt", momentum=momentum)
 
 
 def _os_sirt(projections, geometry, volume_shape, *, affine, iterations, relaxation, subsets, nonneg, x0, tol,
              noise_norm, tau, method, step, backend, progress, callback, return_info, name, prox=None,
-             extra_info=None, prox_every: int = 1):
+             extra_info=None, prox_every: int = 1, momentum: bool = False):
     """Ordered-subsets SIRT; ``prox(x, C, state, m) -> (x, state)`` (if given) follows every ``prox_every``-th
     subset update and the last one of every pass, ``m`` the number of updates it follows."""
     shape = _check(projections, geometry, volume_shape, iterations)
@@ -193,6 +197,8 @@ def _os_sirt(projections, geometry, volume_shape, *, affine, iterations, relaxat
     subsets = int(subsets)
     if not (1 <= subsets <= V):
         raise ValueError(f"subsets must be between 1 and the number of views ({V}), got {subsets}")
+    if momentum and subsets < 2:
+        raise ValueError("momentum needs ordered subsets (subsets >= 2)")
     t0 = time.perf_counter()
     b = projections.to(torch.float32) if projections.dtype != torch.float64 else projections
     groups = [list(range(s, V, subsets)) for s in _subset_order(subsets)]
@@ -219,6 +225,7 @@ def _os_sirt(projections, geometry, volume_shape, *, affine, iterations, relaxat
     state = None
     k = 0
     r = None
+    t_mom, y = 1.0, x                                        # y: where the next pass starts
     if subsets == 1:
         r = b - ops[0](x)
     for k in range(1, int(iterations) + 1):
@@ -231,6 +238,7 @@ def _os_sirt(projections, geometry, volume_shape, *, affine, iterations, relaxat
             r = b - ops[0](x)
             rnorm = _norm(r)
         else:
+            x_last, x = x, y
             rr = 0.0
             pending = 0
             for s_i, (A_s, b_s, R_s, C_s) in enumerate(zip(ops, bs, Rs, Cs)):
@@ -244,6 +252,13 @@ def _os_sirt(projections, geometry, volume_shape, *, affine, iterations, relaxat
                 elif nonneg:
                     x.clamp_(min=0)
             rnorm = math.sqrt(rr)
+            y = x
+            if momentum:                                      # Nesterov extrapolation from the last two passes
+                t_new = (1.0 + math.sqrt(1.0 + 4.0 * t_mom * t_mom)) / 2.0
+                y = x + ((t_mom - 1.0) / t_new) * (x - x_last)
+                if nonneg:
+                    y.clamp_(min=0)
+                t_mom = t_new
         done = stop(rnorm)
         if bar is not None:
             bar.update(1)
@@ -259,7 +274,7 @@ def _os_sirt(projections, geometry, volume_shape, *, affine, iterations, relaxat
         for key in A.calls:
             A.calls[key] += A_s.calls[key]
             A.seconds[key] += A_s.seconds[key]
-    extra = {"method": name, "relaxation": relaxation, "subsets": subsets, "projector": method}
+    extra = {"method": name, "relaxation": relaxation, "subsets": subsets, "projector": method, "momentum": momentum}
     if extra_info is not None:
         extra.update(extra_info(x, C_full))
     return (x, _info(stop, k, A, t0, extra)) if return_info else x
@@ -506,7 +521,8 @@ def tv_recon(projections: torch.Tensor, geometry: Geometry, volume_shape: Sequen
              prox_iterations: int = 10, prox_every: int = 1, algorithm: str = "os-prox", nonneg: bool = True,
              x0: Optional[torch.Tensor] = None, tol: float = 0.0, noise_norm: Optional[float] = None,
              tau: float = 1.0, method: str = "siddon", step: float = 0.5, backend: str = "auto", progress=None,
-             callback: Optional[Callable] = None, return_info: bool = False, **pdhg_options):
+             callback: Optional[Callable] = None, return_info: bool = False, momentum: bool = False,
+             **pdhg_options):
     """TV-regularised reconstruction, ``min_{x ≥ 0} ½‖Ax − b‖²_R + λ TV(x)`` with ``R = 1/(A1)``.
 
     ``algorithm="os-prox"`` (default): proximal gradient in the SIRT metric with ordered subsets — every
@@ -518,6 +534,7 @@ def tv_recon(projections: torch.Tensor, geometry: Geometry, volume_shape: Sequen
     (``AᵀRA ≤ diag(Aᵀ1)``); more subsets trade that guarantee for speed, as OS methods do.
     ``prox_every`` = m > 1 applies the prox once per m subset updates (and after the last one of a pass), with
     m times the weight: with many small subsets the TV prox would otherwise cost more than the projections.
+    ``momentum``: Nesterov extrapolation between passes, as in :func:`sirt` (os-prox only).
 
     ``algorithm="pdhg"``: preconditioned Chambolle–Pock on the unweighted ``½‖Ax − b‖² + λ TV`` (exact
     convex solver, one A and one Aᵀ per iteration, but SIRT-like speed; see the module docstring).
@@ -557,4 +574,4 @@ def tv_recon(projections: torch.Tensor, geometry: Geometry, volume_shape: Sequen
                     relaxation=relaxation, subsets=subsets, nonneg=nonneg, x0=x0, tol=tol, noise_norm=noise_norm,
                     tau=tau, method=method, step=step, backend=backend, progress=progress, callback=callback,
                     return_info=return_info, name="tv", prox=prox if tv_weight > 0 else None, extra_info=extra,
-                    prox_every=int(prox_every))
+                    prox_every=int(prox_every), momentum=momentum)

@@ -86,7 +86,7 @@ def reconstruct_measured(projections: str, geometry: str, *, like: Optional[str]
                          iterations: Optional[int] = None, subsets: int = 10, tv_weight: float = 1e-5,
                          projector: str = "siddon", device: str = "auto", threads: Optional[int] = None,
                          out: str = "recon_out", show: bool = False, options: Optional[dict] = None,
-                         recon_projector: str = "auto") -> dict:
+                         recon_projector: str = "auto", momentum: bool = False) -> dict:
     """Reconstruct the stack ``projections`` with the scan ``geometry`` (file paths; see the module notes);
     writes the outputs to ``out`` (created only once every input has been read and checked) and returns the
     metrics dict. The iterative methods use ``recon_projector`` (``auto``: Joseph on the CPU, ``projector`` on a
@@ -136,7 +136,8 @@ def reconstruct_measured(projections: str, geometry: str, *, like: Optional[str]
     p = stack.data.to(dev)
     rec, info = st.run("reconstruct", reconstruct_projections, p, g.to(dev) if dev.type == "cuda" else g, shape,
                        affine, method=method, filter=filter, cutoff=cutoff, iterations=iterations, subsets=subsets,
-                       tv_weight=tv_weight, projector=projector, show=show, recon_projector=recon_projector)
+                       tv_weight=tv_weight, projector=projector, show=show, recon_projector=recon_projector,
+                       momentum=momentum)
     title = f"{method.upper()} — {V} given {g.kind}-beam views — {stack.info['path']}"
     m = write_outputs(st, paths, rec.float(), None if mu_truth is None else mu_truth.to(dev), g, affine, p, info,
                       title, device=dev, values=values)

@@ -132,7 +132,7 @@ def reconstruct_projections(p, geometry, shape: Sequence[int], affine, *, method
                             filter: str = "ram-lak", cutoff: float = 1.0, iterations: Optional[int] = None,
                             subsets: int = 10, tv_weight: float = 1e-5, projector: str = "siddon",
                             noise_norm: Optional[float] = None, show: bool = False, fdk_options: Optional[dict] = None,
-                            recon_projector: str = "auto"):
+                            recon_projector: str = "auto", momentum: bool = False):
     """``(μ volume, info)`` from line integrals ``p`` (V, rows, cols) with ``method``.
 
     Iterative methods run ``iterations`` (default :data:`DEFAULT_ITERS`); SIRT and CGLS stop by the
@@ -140,6 +140,7 @@ def reconstruct_projections(p, geometry, shape: Sequence[int], affine, *, method
     worse, 37.05 vs 38.81 dB, see docs/reconstruct.md). ``fdk_options``: extra keywords for :func:`fdk`.
     ``recon_projector``: the iterative methods' operator (:func:`resolve_recon_projector`; ``projector`` is the
     one a simulation used). TV applies its prox once per ``subsets // 10`` subset updates (at least 1).
+    ``momentum``: Nesterov extrapolation between the passes of SIRT and TV (ordered subsets).
     """
     from . import filters, iterative
 
@@ -158,13 +159,15 @@ def reconstruct_projections(p, geometry, shape: Sequence[int], affine, *, method
     common = dict(affine=affine, iterations=iterations or DEFAULT_ITERS[method],
                   noise_norm=None if method == "tv" else noise_norm, method=op, progress=factory,
                   return_info=True)
+    subsets = min(subsets, geometry.num_views)
+    if momentum and method in ("sirt", "tv") and subsets < 2:
+        raise _error("--momentum needs ordered subsets (--subsets 2 or more)")
     if method == "sirt":
-        return iterative.sirt(p, geometry, shape, subsets=min(subsets, geometry.num_views), **common)
+        return iterative.sirt(p, geometry, shape, subsets=subsets, momentum=momentum, **common)
     if method == "cgls":
         return iterative.cgls(p, geometry, shape, **common)
-    subsets = min(subsets, geometry.num_views)
     return iterative.tv_recon(p, geometry, shape, subsets=subsets, tv_weight=tv_weight,
-                              prox_every=max(1, subsets // 10), **common)
+                              prox_every=max(1, subsets // 10), momentum=momentum, **common)
 
 
 def simulate_and_reconstruct(ct: Optional[str] = None, *, method: str = "fdk", kind: str = "cone",
@@ -174,7 +177,8 @@ def simulate_and_reconstruct(ct: Optional[str] = None, *, method: str = "fdk", k
                              iterations: Optional[int] = None, subsets: int = 10, tv_weight: float = 1e-5,
                              noise: Optional[float] = None, seed: int = 0, device: str = "auto",
                              threads: Optional[int] = None, out: str = "recon_out", show: bool = False,
-                             options: Optional[dict] = None, recon_projector: str = "auto") -> dict:
+                             options: Optional[dict] = None, recon_projector: str = "auto",
+                             momentum: bool = False) -> dict:
     """Simulate a circular scan of ``ct`` (path; None = the embedded sample), reconstruct it with ``method``
     and write ``recon.nii.gz`` (HU), ``recon.png`` and ``metrics.json`` to ``out``; returns the metrics dict.
 
@@ -220,7 +224,8 @@ def simulate_and_reconstruct(ct: Optional[str] = None, *, method: str = "fdk", k
         noise_norm = iterative.poisson_noise_norm(p, noise)
     rec, info = st.run("reconstruct", reconstruct_projections, p, geometry, shape, affine, method=method,
                        filter=filter, cutoff=cutoff, iterations=iterations, subsets=subsets, tv_weight=tv_weight,
-                       projector=projector, noise_norm=noise_norm, show=show, recon_projector=recon_projector)
+                       projector=projector, noise_norm=noise_norm, show=show, recon_projector=recon_projector,
+                       momentum=momentum)
     title = (f"{method.upper()} — {kind} beam, {views} views / {gdesc['arc_deg']:.0f}°, "
              f"{'noise-free' if not noise else f'Poisson I0={noise:g}'} — {source}")
     m = write_outputs(st, paths, rec.float(), mu, geometry, affine, p, info, title,
