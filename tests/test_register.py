@@ -158,6 +158,12 @@ def test_cli_target_of_the_wrong_shape_is_one_line(small_ct, tmp_path, capsys):
     rc = main([str(tmp_path / "ct.nii.gz"), "--xray", str(tmp_path / "target.npy"), "--init", str(tmp_path / "nope.json"),
                "--out", str(tmp_path / "out")])
     assert rc == 2 and "nope.json" in capsys.readouterr().err
+    np.save(tmp_path / "target.npy", np.zeros((32, 32), dtype=np.float32))
+    rc = main([str(tmp_path / "ct.nii.gz"), "--xray", str(tmp_path / "target.npy"), "--init", str(tmp_path / "init.json"),
+               "--out", str(tmp_path / "out"), "--optimizer", "lm", "--method", "trilinear"])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and len(err.splitlines()) == 1 and "optimizer 'lm'" in err
+    assert not (tmp_path / "out").exists()
 
 
 def test_cli_help(capsys):

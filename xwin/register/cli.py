@@ -174,9 +174,10 @@ def run(args) -> int:
         except (ValueError, AssertionError):
             raise XwinError(f"--pivot must be three numbers X,Y,Z in mm, got {args.pivot!r}") from None
     levels = _parse_levels(args.levels, init.cols)
-    from .core import _check_target
+    from .core import _check_target, resolve_optimizer
 
-    _check_target(target, init)          # one-line error before anything is written
+    _check_target(target, init)          # one-line errors before anything is written
+    resolve_optimizer(args.optimizer, args.method, args.similarity)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     res = register(mu, target, init, affine=ct.affine, levels=levels, similarity=args.similarity, method=args.method,

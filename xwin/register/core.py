@@ -189,20 +189,13 @@ def register(volume: torch.Tensor, target, init: Geometry, *, affine=None, level
         patience: Adam leaves a level after this many steps without a better loss (not before 2 × patience steps).
         callback: called as ``callback(step, level, loss)`` after every step (every render for LM).
     """
-    from .lm import LEAST_SQUARES
-
     t_start = time.perf_counter()
     if not isinstance(init, Geometry):
         raise RegistrationError(f"init must be an xwin.geometry.Geometry, got {type(init).__name__}")
     if not isinstance(volume, torch.Tensor) or volume.ndim != 3:
         raise RegistrationError("volume must be an (X, Y, Z) tensor")
     sim = _similarity(similarity)
-    if optimizer not in ("auto", "lm", "adam"):
-        raise RegistrationError(f"optimizer must be 'auto', 'lm' or 'adam', got {optimizer!r}")
-    lm_ok = method == "siddon" and similarity in LEAST_SQUARES
-    if optimizer == "lm" and not lm_ok:
-        raise RegistrationError(f"optimizer 'lm' needs method 'siddon' and a similarity in {sorted(LEAST_SQUARES)}")
-    use_lm = optimizer == "lm" or (optimizer == "auto" and lm_ok)
+    use_lm = resolve_optimizer(optimizer, method, similarity) == "lm"
     tgt = _check_target(target, init).to(volume.device)
     init = init.detach()
     A = np.eye(4) if affine is None else np.asarray(affine, dtype=np.float64)
@@ -229,6 +222,19 @@ def register(volume: torch.Tensor, target, init: Geometry, *, affine=None, level
     return RegistrationResult(geometry=final, rotation=omega, translation=trans, pivot=piv, losses=log.losses,
                               level_of_step=log.level_of, levels=log.info, seconds=time.perf_counter() - t_start,
                               similarity=similarity)
+
+
+def resolve_optimizer(optimizer: str, method: str, similarity: str) -> str:
+    """``"lm"`` or ``"adam"`` for ``register``'s ``optimizer`` argument (``"auto"``: LM for Siddon and a
+    similarity of the NCC family, else Adam); a :class:`RegistrationError` for a choice that cannot run."""
+    from .lm import LEAST_SQUARES
+
+    if optimizer not in ("auto", "lm", "adam"):
+        raise RegistrationError(f"optimizer must be 'auto', 'lm' or 'adam', got {optimizer!r}")
+    lm_ok = method == "siddon" and similarity in LEAST_SQUARES
+    if optimizer == "lm" and not lm_ok:
+        raise RegistrationError(f"optimizer 'lm' needs method 'siddon' and a similarity in {sorted(LEAST_SQUARES)}")
+    return "lm" if optimizer == "lm" or (optimizer == "auto" and lm_ok) else "adam"
 
 
 class _Log:
