@@ -1,4 +1,7 @@
-"""Iterative reconstruction on top of the ``xwin.kernels.Projector`` operator (``P(x)``, exact adjoint ``P.T(y)``; any geometry).
+"""Iterative reconstruction on an exact projector/adjoint pair (``P(x)``, ``P.T(y)``; any geometry):
+``method="siddon"`` / ``"trilinear"`` use ``xwin.kernels.Projector`` (Triton on CUDA), ``method="joseph"``
+uses :class:`xwin.reconstruct.joseph.JosephProjector` (RTK's discretisation; the fast pair on a CPU).
+Ordered-subsets methods can add Nesterov momentum between passes (``momentum=True``).
 
 * :func:`sirt` — Simultaneous Iterative Reconstruction Technique: ``x ← P₊(x + λ C Aᵀ R (b − A x))`` with
   ``R = 1/(A 1)`` and ``C = 1/(Aᵀ 1)`` (Gilbert 1972; the form used by ASTRA and TIGRE). Non-negativity by
