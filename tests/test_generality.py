@@ -433,3 +433,227 @@ def test_geomgrad_kernel_equals_reference_on_flipped_axis_aligned_grids(kind, me
         gp32, _ = geomgrad.params_grad_triton(vol.float(), w.float(), prm, dts, kind, method)
         gp32_ref, _ = geomgrad.params_grad_reference(vol.float(), w.float(), prm, dts, kind, method)
         assert rel_err(gp32, gp32_ref) <= 1e-5
+
+
+def _separable_random_views(rng, kind, views):
+    """Views that are separable about world z without being a circular orbit: per view a random source height
+    and distance (or an oblique parallel direction), a detector turned about z at a random distance and height,
+    columns ``u`` with a z component (skewed detector), rows ``v`` along ±z of random pitch."""
+    first, cen, us, vs = [], [], [], []
+    for _ in range(views):
+        th = rng.uniform(0, 2 * math.pi)
+        radial = np.array([math.cos(th), math.sin(th), 0.0])
+        tang = np.array([-math.sin(th), math.cos(th), 0.0])
+        if kind == "cone":
+            first.append(rng.uniform(15, 40) * radial + np.array([0, 0, rng.uniform(-6, 6)]) + rng.normal(size=3) * [1, 1, 0])
+        else:
+            first.append(-radial + np.array([0.0, 0.0, rng.uniform(-0.6, 0.6)]))
+        cen.append(-rng.uniform(8, 20) * radial + rng.uniform(-2, 2, 3))
+        us.append(tang * rng.uniform(1.0, 2.5) + np.array([0.0, 0.0, rng.uniform(-0.8, 0.8)]))
+        vs.append(np.array([0.0, 0.0, rng.choice([-1, 1]) * rng.uniform(0.8, 2.0)]))
+    t = lambda x: torch.tensor(np.array(x))
+    return getattr(Geometry, kind)(t(first), t(cen), t(us), t(vs), int(rng.integers(1, 7)), int(rng.integers(1, 9)))
+
+
+@pytest.mark.parametrize("kind", ["cone", "parallel"])
+def test_separable_path_on_irregular_separable_views(kind):
+    """backproject_separable = backproject_reference for separable views that are no orbit at all (skewed
+    detectors, per-view distances and heights, oblique parallel directions), odd shapes incl. size-1 axes,
+    batched, flipped / permuted grids, small working budgets (many blocks)."""
+    rng = np.random.default_rng(42 + len(kind))
+    for trial in range(6):
+        g = _separable_random_views(rng, kind, int(rng.integers(1, 7)))
+        shape = tuple(int(s) for s in rng.integers(1, 7, 3))
+        perm = tuple(int(i) for i in rng.permutation(3))
+        A = _axis_affine(rng, shape, perm, rng.uniform(size=3) < 0.5)
+        M = fbk.view_matrices(g, A)
+        axis = fbk.separable_axis(M, shape, g.rows, g.cols)
+        assert axis is not None
+        q = torch.from_numpy(rng.uniform(-0.5, 1.0, (2, g.num_views, g.rows, g.cols)))
+        for dw in (True, False):
+            ref = fbk.backproject_reference(q, M, shape, distance_weight=dw)
+            for budget in (1 << 21, 50):
+                got = fbk.backproject_separable(q, M, shape, axis=axis, distance_weight=dw, budget=budget)
+                assert rel_err(got, ref) < 1e-12, (trial, dw, budget, rel_err(got, ref))
+            assert torch.equal(fbk.fdk_backproject(q, M, shape, distance_weight=dw, backend="torch"),
+                               fbk.backproject_separable(q, M, shape, axis=axis, distance_weight=dw))
+
+
+# ---------------------------------------------------------------------------------------- CLIs end to end
+
+def _run_cli(*args, cwd):
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, OMP_NUM_THREADS="1", TQDM_DISABLE="1")
+    return subprocess.run([sys.executable, "-m", *map(str, args)], cwd=cwd, env=env, capture_output=True, text=True,
+                          timeout=300)
+
+
+def _assert_one_line_error(res):
+    assert res.returncode != 0
+    assert "Traceback" not in res.stderr + res.stdout, res.stderr
+    lines = [ln for ln in res.stderr.strip().splitlines() if ln.strip()]
+    assert len(lines) == 1 and "error" in lines[-1].lower(), res.stderr
+
+
+@pytest.fixture(scope="module")
+def flipped_phantom(tmp_path_factory):
+    """A procedural chest phantom (non-cubic, anisotropic) written twice: as made (RAS) and with index axes 0 and
+    2 reversed (an LPS-like, flipped affine describing the same world)."""
+    from xwin.io.nifti import save_volume
+    from xwin.io.volume import Volume
+    from xwin.phantom import chest_phantom
+
+    d = tmp_path_factory.mktemp("phantom")
+    v = chest_phantom((30, 26, 17), (6.5, 7.5, 11.0), seed=3)
+    data = v.data.float()
+    F = np.diag([-1.0, 1.0, -1.0, 1.0])
+    F[0, 3], F[2, 3] = data.shape[0] - 1, data.shape[2] - 1
+    save_volume(Volume(data, np.asarray(v.affine)), d / "ras.nii.gz")
+    save_volume(Volume(data.flip(0).flip(2).contiguous(), np.asarray(v.affine) @ F), d / "flip.nii.gz")
+    return d, v
+
+
+def test_cli_reconstruct_of_a_flipped_ct_is_the_flipped_reconstruction(flipped_phantom):
+    import json
+
+    import nibabel as nib
+
+    d, _ = flipped_phantom
+    out = {}
+    for name in ("ras", "flip"):
+        res = _run_cli("xwin.reconstruct", f"{name}.nii.gz", "--views", 48, "--downsample", 1, "--quiet",
+                       "--out", f"rec_{name}", cwd=d)
+        assert res.returncode == 0, res.stderr[-2000:]
+        img = nib.load(d / f"rec_{name}" / "recon.nii.gz")
+        out[name] = (np.asarray(img.get_fdata()), img.affine,
+                     json.loads((d / f"rec_{name}" / "metrics.json").read_text())["metrics"])
+    ras, flip = out["ras"], out["flip"]
+    assert np.allclose(flip[1], nib.load(d / "flip.nii.gz").affine)
+    assert np.abs(flip[0][::-1, :, ::-1] - ras[0]).max() <= 1e-3 * np.abs(ras[0]).max()
+    assert ras[2]["psnr_db"] > 20 and abs(flip[2]["psnr_db"] - ras[2]["psnr_db"]) < 0.05
+
+
+def _orbit_about_y(centre, angles, rows, cols):
+    """A cone-beam orbit about world y (not the scanner's z) through ``centre``, detector offset, non-square."""
+    g = circular_orbit(angles, rows=rows, cols=cols, pixel_size=(8.0, 5.0), sid=500, sdd=800, det_offset=(6.0, -3.0))
+    P = torch.tensor([[1.0, 0.0, 0.0], [0.0, 0.0, 1.0], [0.0, -1.0, 0.0]], dtype=torch.float64)
+    c = torch.as_tensor(centre, dtype=torch.float64)
+    return Geometry.cone(g.source @ P.T + c, g.center @ P.T + c, g.u @ P.T, g.v @ P.T, rows, cols)
+
+
+def test_cli_reconstruct_given_projections_and_a_json_short_scan(flipped_phantom):
+    import nibabel as nib
+
+    from xwin.intensity import hu_to_mu
+    from xwin.io.load import load_volume
+    from xwin.kernels import project
+
+    d, _ = flipped_phantom
+    v = load_volume(d / "flip.nii.gz")
+    A = torch.from_numpy(np.asarray(v.affine))
+    mu = hu_to_mu(v.data.double())
+    centre = A[:3, :3] @ ((torch.tensor(v.data.shape, dtype=torch.float64) - 1) / 2) + A[:3, 3]
+    g = _orbit_about_y(centre, torch.linspace(0.3, 0.3 + math.pi + 0.7, 72, dtype=torch.float64), 30, 70)
+    np.save(d / "proj.npy", project(mu, g, affine=A).numpy().astype(np.float32))
+    (d / "geom.json").write_text(g.to_json())
+    res = _run_cli("xwin.reconstruct", "--projections", "proj.npy", "--geometry", "geom.json", "--like", "flip.nii.gz",
+                   "--values", "mu", "--quiet", "--out", "rec_proj", cwd=d)
+    assert res.returncode == 0, res.stderr[-2000:]
+    rec = np.asarray(nib.load(d / "rec_proj" / "recon.nii.gz").get_fdata())
+    truth = mu.numpy()
+    core = (slice(6, -6), slice(6, -6), slice(3, -3))
+    assert np.corrcoef(rec[core].ravel(), truth[core].ravel())[0, 1] > 0.9
+    assert abs(rec[core].mean() / truth[core].mean() - 1) < 0.1
+    np.save(d / "proj_t.npy", np.load(d / "proj.npy").transpose(0, 2, 1).copy())
+    _assert_one_line_error(_run_cli("xwin.reconstruct", "--projections", "proj_t.npy", "--geometry", "geom.json",
+                                    "--like", "flip.nii.gz", "--out", "rec_bad", cwd=d))
+
+
+def test_cli_register_with_a_non_square_detector(flipped_phantom):
+    """40x72 detector, 8.7 deg initial error, the RAS copy (the flipped copy of the same CT does not register:
+    see test_register_does_not_depend_on_how_the_ct_is_stored)."""
+    from xwin.geometry import xwin_pose
+    from xwin.intensity import hu_to_mu
+    from xwin.io.load import load_volume
+    from xwin.kernels import project
+
+    d, _ = flipped_phantom
+    v = load_volume(d / "ras.nii.gz")
+    A = torch.from_numpy(np.asarray(v.affine))
+    centre = (A[:3, :3] @ ((torch.tensor(v.data.shape, dtype=torch.float64) - 1) / 2) + A[:3, 3]).tolist()
+
+    def pose(*angles):
+        g = xwin_pose(*angles, size=64, isocenter=centre)
+        return Geometry.cone(g.source, g.center, g.u * 1.3, g.v * 1.3, 40, 72)
+
+    truth, init = pose(7.0, -4.0, 3.0), pose(0.0, 0.0, 0.0)
+    np.save(d / "target.npy", project(hu_to_mu(v.data.double()), truth, affine=A)[0].numpy().astype(np.float32))
+    (d / "init.json").write_text(init.to_json())
+    res = _run_cli("xwin.register", "ras.nii.gz", "--xray", "target.npy", "--init", "init.json", "--out", "reg",
+                   "--no-progress", "--no-figures", cwd=d)
+    assert res.returncode == 0, res.stderr[-2000:]
+    got = Geometry.from_json(d / "reg" / "geometry.json")
+    assert (got.rows, got.cols) == (40, 72)
+    assert float((got.source - truth.source).norm()) < 1.0 and float((got.center - truth.center).norm()) < 1.0
+    np.save(d / "target_t.npy", np.load(d / "target.npy").T.copy())
+    _assert_one_line_error(_run_cli("xwin.register", "ras.nii.gz", "--xray", "target_t.npy", "--init", "init.json",
+                                    "--out", "reg_bad", "--no-progress", "--no-figures", cwd=d))
+
+
+@pytest.mark.xfail(strict=True, reason="xwin/register (not owned here): on a coarse chest phantom (30x26x17 voxels of "
+                   "6.5x7.5x11 mm, seed 4) both LM and Adam stop in a wrong pose ~9 deg (>100 mm at the source) from the "
+                   "truth, from an initial error of 8.7 deg on a noise-free DRR target, and report success")
+@pytest.mark.parametrize("optimizer", ["lm", "adam"])
+def test_register_recovers_a_9_degree_pose_on_a_coarse_phantom(optimizer):
+    from xwin.geometry import xwin_pose
+    from xwin.intensity import hu_to_mu
+    from xwin.kernels import project
+    from xwin.phantom import chest_phantom
+    from xwin.register.core import register
+
+    v = chest_phantom((30, 26, 17), (6.5, 7.5, 11.0), seed=4)
+    A = np.asarray(v.affine)
+    mu = hu_to_mu(v.data.double())
+    centre = (A[:3, :3] @ ((np.array(mu.shape) - 1) / 2) + A[:3, 3]).tolist()
+
+    def pose(*angles):
+        g = xwin_pose(*angles, size=64, isocenter=centre)
+        return Geometry.cone(g.source, g.center, g.u * 1.3, g.v * 1.3, 40, 72)
+
+    truth = pose(7.0, -4.0, 3.0)
+    target = project(mu, truth, affine=torch.from_numpy(A))[0]
+    r = register(mu.float(), target, pose(0.0, 0.0, 0.0), affine=A, optimizer=optimizer)
+    assert float((r.geometry.source - truth.source).norm()) < 5.0
+
+
+@pytest.mark.xfail(strict=True, reason="xwin/register (not owned here): the same CT stored with index axes 0 and 2 "
+                   "reversed (flipped affine, same world) registers differently: LM reaches the truth (0.0 mm) from the "
+                   "RAS copy and stops 75 mm off from the flipped one (its coarse levels pool/crop by index, so the "
+                   "coarse DRRs differ)")
+def test_register_does_not_depend_on_how_the_ct_is_stored():
+    from xwin.geometry import xwin_pose
+    from xwin.intensity import hu_to_mu
+    from xwin.kernels import project
+    from xwin.phantom import chest_phantom
+    from xwin.register.core import register
+
+    v = chest_phantom((30, 26, 17), (6.5, 7.5, 11.0), seed=3)
+    A = np.asarray(v.affine)
+    mu = hu_to_mu(v.data.double())
+    F = np.diag([-1.0, 1.0, -1.0, 1.0])
+    F[0, 3], F[2, 3] = mu.shape[0] - 1, mu.shape[2] - 1
+    centre = (A[:3, :3] @ ((np.array(mu.shape) - 1) / 2) + A[:3, 3]).tolist()
+
+    def pose(*angles):
+        g = xwin_pose(*angles, size=64, isocenter=centre)
+        return Geometry.cone(g.source, g.center, g.u * 1.3, g.v * 1.3, 40, 72)
+
+    truth = pose(7.0, -4.0, 3.0)
+    target = project(mu, truth, affine=torch.from_numpy(A))[0]
+    src = [register(vol.float(), target, pose(0.0, 0.0, 0.0), affine=aff, optimizer="lm").geometry.source
+           for vol, aff in ((mu, A), (mu.flip(0).flip(2), A @ F))]
+    assert float((src[0] - truth.source).norm()) < 1.0                  # the RAS copy registers
+    assert float((src[1] - src[0]).norm()) < 1.0
