@@ -581,6 +581,11 @@ def test_cli_iterative_method_on_a_nifti_keeps_the_input_affine(tmp_path):
                              "--recon-projector", "siddon", "--out", str(tmp_path / "s"), "--quiet"])
     assert status == 0, err
     assert json.loads((tmp_path / "s" / "metrics.json").read_text())["reconstruction"]["projector"] == "siddon"
+    # fewer views than the default 10 subsets, --subsets not given: one subset per view
+    status, out, err = _cli([str(path), "--method", "sirt", "--iterations", "1", "--views", "6", "--downsample", "1",
+                             "--out", str(tmp_path / "f"), "--quiet"])
+    assert status == 0, err
+    assert json.loads((tmp_path / "f" / "metrics.json").read_text())["reconstruction"]["subsets"] == 6
 
 
 def test_cli_short_scan_uses_parker_weights_without_warning(tmp_path):

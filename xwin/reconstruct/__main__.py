@@ -118,8 +118,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="FDK/FBP filter cutoff, fraction of Nyquist (0, 1]")
     p.add_argument("--iterations", type=_positive(int, "--iterations"), default=None,
                    help=f"iterations (maximum) for the iterative methods (default: {DEFAULT_ITERS})")
-    p.add_argument("--subsets", type=_positive(int, "--subsets"), default=10,
-                   help="ordered subsets for sirt and tv (1 = plain SIRT / proximal gradient)")
+    p.add_argument("--subsets", type=_positive(int, "--subsets"), default=None,
+                   help="ordered subsets for sirt and tv (1 = plain SIRT / proximal gradient; default: 10, or the "
+                        "number of views if fewer)")
     p.add_argument("--momentum", action="store_true",
                    help="sirt/tv: Nesterov extrapolation between passes (faster on consistent data; use with few "
                         "iterations or --noise's discrepancy stop on inconsistent data)")

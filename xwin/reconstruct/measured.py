@@ -83,7 +83,7 @@ def reconstruct_measured(projections: str, geometry: str, *, like: Optional[str]
                          shape: Optional[Sequence[int]] = None, spacing=None, center=None, method: str = "fdk",
                          i0: Optional[float] = None, pixel_size: Optional[float] = None, truth: Optional[str] = None,
                          values: str = "hu", filter: str = "ram-lak", cutoff: float = 1.0,
-                         iterations: Optional[int] = None, subsets: int = 10, tv_weight: float = 1e-5,
+                         iterations: Optional[int] = None, subsets: Optional[int] = None, tv_weight: float = 1e-5,
                          projector: str = "siddon", device: str = "auto", threads: Optional[int] = None,
                          out: str = "recon_out", show: bool = False, options: Optional[dict] = None,
                          recon_projector: str = "auto", momentum: bool = False) -> dict:

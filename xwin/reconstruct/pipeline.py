@@ -24,7 +24,7 @@ RECON_PROJECTORS = ("auto", "joseph", "siddon", "trilinear")
 DEFAULT_VIEWS = {"fdk": 360, "fbp": 360, "sirt": 60, "cgls": 60, "tv": 60}
 DEFAULT_ITERS = {"sirt": 20, "cgls": 20, "tv": 20}
 
-__all__ = ["METHODS", "DEFAULT_VIEWS", "DEFAULT_ITERS", "RECON_PROJECTORS", "simulate_and_reconstruct",
+__all__ = ["METHODS", "DEFAULT_VIEWS", "DEFAULT_ITERS", "DEFAULT_SUBSETS", "RECON_PROJECTORS", "simulate_and_reconstruct",
            "reconstruct_projections", "resolve_recon_projector", "prepare_output", "resolve_device", "set_threads",
            "Stages", "progress_bar", "check_method_options"]
 
@@ -114,8 +114,13 @@ def resolve_recon_projector(recon_projector: str, projector: str, device) -> str
     return "joseph" if getattr(device, "type", str(device)) == "cpu" else projector
 
 
-def check_method_options(method: str, *, views: Optional[int], subsets: int, cutoff: float, tv_weight: float) -> None:
-    """Option checks that need no data (views for FBP, cutoff, TV weight, subsets ≤ views)."""
+DEFAULT_SUBSETS = 10
+
+
+def check_method_options(method: str, *, views: Optional[int], subsets: Optional[int], cutoff: float,
+                         tv_weight: float) -> None:
+    """Option checks that need no data (views for FBP, cutoff, TV weight, subsets ≤ views when given;
+    ``subsets=None`` means min(:data:`DEFAULT_SUBSETS`, views))."""
     if method not in METHODS:
         raise _error(f"method must be one of {METHODS}, got {method!r}")
     if method in ("fdk", "fbp") and views is not None and views < 3:
@@ -124,13 +129,13 @@ def check_method_options(method: str, *, views: Optional[int], subsets: int, cut
         raise _error(f"--cutoff must be in (0, 1], got {cutoff:g}")
     if tv_weight < 0 or not math.isfinite(tv_weight):
         raise _error(f"--tv-weight must be >= 0, got {tv_weight:g}")
-    if method in ("sirt", "tv") and views is not None and subsets > views:
+    if method in ("sirt", "tv") and views is not None and subsets is not None and subsets > views:
         raise _error(f"--subsets ({subsets}) cannot exceed --views ({views})")
 
 
 def reconstruct_projections(p, geometry, shape: Sequence[int], affine, *, method: str = "fdk",
                             filter: str = "ram-lak", cutoff: float = 1.0, iterations: Optional[int] = None,
-                            subsets: int = 10, tv_weight: float = 1e-5, projector: str = "siddon",
+                            subsets: Optional[int] = None, tv_weight: float = 1e-5, projector: str = "siddon",
                             noise_norm: Optional[float] = None, show: bool = False, fdk_options: Optional[dict] = None,
                             recon_projector: str = "auto", momentum: bool = False):
     """``(μ volume, info)`` from line integrals ``p`` (V, rows, cols) with ``method``.
@@ -159,7 +164,7 @@ def reconstruct_projections(p, geometry, shape: Sequence[int], affine, *, method
     common = dict(affine=affine, iterations=iterations or DEFAULT_ITERS[method],
                   noise_norm=None if method == "tv" else noise_norm, method=op, progress=factory,
                   return_info=True)
-    subsets = min(subsets, geometry.num_views)
+    subsets = min(subsets or DEFAULT_SUBSETS, geometry.num_views)
     if momentum and method in ("sirt", "tv") and subsets < 2:
         raise _error("--momentum needs ordered subsets (--subsets 2 or more)")
     if method == "sirt":
@@ -174,7 +179,7 @@ def simulate_and_reconstruct(ct: Optional[str] = None, *, method: str = "fdk", k
                              views: Optional[int] = None, arc=360.0, sid: float = 1000.0, sdd: float = 1500.0,
                              detector=None, pixel_size: Optional[float] = None, downsample: int = 2,
                              projector: str = "siddon", filter: str = "ram-lak", cutoff: float = 1.0,
-                             iterations: Optional[int] = None, subsets: int = 10, tv_weight: float = 1e-5,
+                             iterations: Optional[int] = None, subsets: Optional[int] = None, tv_weight: float = 1e-5,
                              noise: Optional[float] = None, seed: int = 0, device: str = "auto",
                              threads: Optional[int] = None, out: str = "recon_out", show: bool = False,
                              options: Optional[dict] = None, recon_projector: str = "auto",
