@@ -16,8 +16,9 @@ Pipeline (Feldkamp, Davis & Kress 1984; Kak & Slaney ch. 3 for the discrete scal
    every line counts once. An arc shorter than ``π + 2δ`` (``π`` for parallel) cannot be reconstructed
    exactly: warned, and done as well as the data allow.
 3. **Ramp filter** along the detector rows (the ``u`` direction): FFT with zero padding to at least twice the row
-   length (the next 5-smooth length for plain Ram-Lak, a power of two with another window or a cutoff), the DFT of the *spatially sampled* Ram-Lak kernel (no DC error) times a
-   window (Ram-Lak, Shepp-Logan, cosine, Hamming, Hann) with a cutoff as a fraction of Nyquist.
+   length (the next 5-smooth length for plain Ram-Lak, a power of two with another window or a cutoff),
+   the DFT of the *spatially sampled* Ram-Lak kernel (no DC error) times a window (Ram-Lak, Shepp-Logan,
+   cosine, Hamming, Hann) with a cutoff as a fraction of Nyquist.
 4. **Scale.** Per view ``Δβ · D · SDD / du`` (cone) or ``Δβ / du`` (parallel), with ``du`` the column
    pitch (perpendicular to the rays for parallel beam); the backprojection divides by ``w²`` (``w`` the
    source–voxel distance along the central ray), so a uniform object reconstructs to its μ.
