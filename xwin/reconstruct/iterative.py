@@ -34,6 +34,8 @@ import torch
 from xwin.geometry import Geometry
 from xwin.kernels import Projector as KernelProjector
 
+from .filters import ReconstructionError
+
 __all__ = ["Projector", "sirt", "cgls", "tv_recon", "tv_prox", "poisson_noise_norm", "gradient", "divergence", "tv"]
 
 
@@ -55,7 +57,7 @@ class Projector:
                  step: float = 0.5, backend: str = "auto", dtype=torch.float32, device=None,
                  cache_bytes: int = JOSEPH_CACHE_BYTES):
         if not isinstance(geometry, Geometry):
-            raise TypeError(f"geometry must be an xwin.geometry.Geometry, got {type(geometry).__name__}")
+            raise ReconstructionError(f"geometry must be an xwin.geometry.Geometry, got {type(geometry).__name__}")
         self.geometry, self.shape, self.affine = geometry, tuple(int(s) for s in volume_shape), affine
         self.method = method
         if method == "joseph":
@@ -85,19 +87,19 @@ class Projector:
 
 def _check(b: torch.Tensor, geometry: Geometry, volume_shape, iterations: int):
     if not isinstance(b, torch.Tensor):
-        raise TypeError(f"projections must be a torch.Tensor, got {type(b).__name__}")
+        raise ReconstructionError(f"projections must be a torch.Tensor, got {type(b).__name__}")
     want = (geometry.num_views, geometry.rows, geometry.cols)
     if b.ndim != 3 or tuple(b.shape) != want:
-        raise ValueError(f"projections must have shape (V, rows, cols) = {want}, got {tuple(b.shape)}")
+        raise ReconstructionError(f"projections must have shape (V, rows, cols) = {want}, got {tuple(b.shape)}")
     if not b.is_floating_point():
-        raise ValueError(f"projections must be floating point, got {b.dtype}")
+        raise ReconstructionError(f"projections must be floating point, got {b.dtype}")
     if not torch.isfinite(b).all():
-        raise ValueError("projections contain NaN or Inf")
+        raise ReconstructionError("projections contain NaN or Inf")
     if int(iterations) < 1:
-        raise ValueError(f"iterations must be at least 1, got {iterations}")
+        raise ReconstructionError(f"iterations must be at least 1, got {iterations}")
     shape = tuple(int(s) for s in volume_shape)
     if len(shape) != 3 or min(shape) < 1:
-        raise ValueError(f"volume_shape must be three positive sizes, got {tuple(volume_shape)}")
+        raise ReconstructionError(f"volume_shape must be three positive sizes, got {tuple(volume_shape)}")
     return shape
 
 
@@ -195,13 +197,13 @@ def _os_sirt(projections, geometry, volume_shape, *, affine, iterations, relaxat
     subset update and the last one of every pass, ``m`` the number of updates it follows."""
     shape = _check(projections, geometry, volume_shape, iterations)
     if not (0 < relaxation < 2):
-        raise ValueError(f"relaxation must be in (0, 2), got {relaxation}")
+        raise ReconstructionError(f"relaxation must be in (0, 2), got {relaxation}")
     V = geometry.num_views
     subsets = int(subsets)
     if not (1 <= subsets <= V):
-        raise ValueError(f"subsets must be between 1 and the number of views ({V}), got {subsets}")
+        raise ReconstructionError(f"subsets must be between 1 and the number of views ({V}), got {subsets}")
     if momentum and subsets < 2:
-        raise ValueError("momentum needs ordered subsets (subsets >= 2)")
+        raise ReconstructionError("momentum needs ordered subsets (subsets >= 2)")
     t0 = time.perf_counter()
     b = projections.to(torch.float32) if projections.dtype != torch.float64 else projections
     groups = [list(range(s, V, subsets)) for s in _subset_order(subsets)]
@@ -394,7 +396,7 @@ def _tv_pdhg(projections: torch.Tensor, geometry: Geometry, volume_shape: Sequen
     """
     shape = _check(projections, geometry, volume_shape, iterations)
     if tv_weight < 0:
-        raise ValueError(f"tv_weight must be >= 0, got {tv_weight}")
+        raise ReconstructionError(f"tv_weight must be >= 0, got {tv_weight}")
     t0 = time.perf_counter()
     b = projections.to(torch.float32) if projections.dtype != torch.float64 else projections
     A = Projector(geometry, shape, affine=affine, method=method, step=step, backend=backend, dtype=b.dtype,
@@ -548,15 +550,15 @@ def tv_recon(projections: torch.Tensor, geometry: Geometry, volume_shape: Sequen
                         method=method, step=step, backend=backend, progress=progress, callback=callback,
                         return_info=return_info, **pdhg_options)
     if algorithm != "os-prox":
-        raise ValueError(f"algorithm must be 'os-prox' or 'pdhg', got {algorithm!r}")
+        raise ReconstructionError(f"algorithm must be 'os-prox' or 'pdhg', got {algorithm!r}")
     if pdhg_options:
-        raise TypeError(f"unexpected options for os-prox: {sorted(pdhg_options)}")
+        raise ReconstructionError(f"unexpected options for os-prox: {sorted(pdhg_options)}")
     if not (tv_weight >= 0):
-        raise ValueError(f"tv_weight must be >= 0, got {tv_weight}")
+        raise ReconstructionError(f"tv_weight must be >= 0, got {tv_weight}")
     if int(prox_iterations) < 1:
-        raise ValueError(f"prox_iterations must be at least 1, got {prox_iterations}")
+        raise ReconstructionError(f"prox_iterations must be at least 1, got {prox_iterations}")
     if int(prox_every) < 1:
-        raise ValueError(f"prox_every must be at least 1, got {prox_every}")
+        raise ReconstructionError(f"prox_every must be at least 1, got {prox_every}")
     wts = _axis_weights(affine)
     lam_holder = {}
 

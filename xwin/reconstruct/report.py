@@ -13,6 +13,8 @@ import torch
 
 from xwin.intensity import MU_WATER
 
+from .filters import ReconstructionError
+
 __all__ = ["image_metrics", "peak_memory", "save_figure", "write_json", "display_axes"]
 
 
@@ -30,10 +32,10 @@ def image_metrics(recon: torch.Tensor, truth: torch.Tensor, mask: Optional[torch
     r = recon.detach().double().cpu().numpy()
     t = truth.detach().double().cpu().numpy()
     if r.shape != t.shape:
-        raise ValueError(f"recon {r.shape} and truth {t.shape} differ in shape")
+        raise ReconstructionError(f"recon {r.shape} and truth {t.shape} differ in shape")
     m = np.ones(t.shape, dtype=bool) if mask is None else mask.detach().cpu().numpy().astype(bool)
     if not m.any():
-        raise ValueError("the field-of-view mask is empty: no voxel is seen in every view")
+        raise ReconstructionError("the field-of-view mask is empty: no voxel is seen in every view")
     tv, rv = t[m], r[m]
     lo, hi = float(tv.min()), float(tv.max())
     data_range = hi - lo if hi > lo else 1.0
