@@ -134,7 +134,7 @@ def default_levels(cols: int, sizes: Sequence[int] = (32, 64, 128), iterations: 
     return out
 
 
-def default_lm_levels(cols: int, sizes: Sequence[int] = (8, 16, 64, 1 << 30), iterations: Sequence[int] = (10, 15, 8, 12)):
+def default_lm_levels(cols: int, sizes: Sequence[int] = (8, 16, 64, 1 << 30), iterations: Sequence[int] = (10, 15, 8, 25)):
     """The Levenberg–Marquardt optimiser's levels: comparisons about 8, 16 and 64 pixels wide (the DRR rendered at
     ``LM_RENDER_COLS`` or more and pooled), then the full detector; at most 10, 15, 8 and 12 iterations. Sizes
     that give the same binning merge into one level with the larger iteration budget."""
@@ -314,7 +314,8 @@ def _run_lm(vol, A, tgt, init, piv, levels, log, *, similarity, **_):
     from .lm import lm_level
 
     spacing = np.linalg.norm(A[:3, :3], axis=0)
-    min_spacing, max_spacing = float(spacing.min()), float(spacing.max())
+    max_spacing = float(spacing.max())
+    radius = 0.5 * float(np.linalg.norm(spacing * np.asarray(vol.shape)))     # half the CT's diagonal (mm)
     R, t = torch.eye(3, dtype=torch.float64), torch.zeros(3, dtype=torch.float64)
     cap = max(1, int(round(init.cols / LM_RENDER_COLS)))
     for li, (factor, iters) in enumerate(levels):
@@ -327,13 +328,14 @@ def _run_lm(vol, A, tgt, init, piv, levels, log, *, similarity, **_):
             # DRR is a staircase of voxel blocks and the gradient NCC of its edges has spurious minima
             pool *= max(1, min(4, math.ceil(max_spacing / _pixel_at_pivot(g_r, piv) - 1e-6)))
         t_l = image_level(tgt, render * pool)
-        # the CT pooled 2x (or more) where the comparison pools the render 4x or more, else the full CT
-        vfac = 1 if last or pool < 4 else max(2, _ct_pooling(detector_level(init, factor), piv, min_spacing) // 2)
+        # the CT pooled 2x where the comparison pools the render 4x or more and its pixels (at the pivot) span 3 or
+        # more of the CT's largest voxel steps, else the full CT (a coarse CT is never pooled further)
+        vfac = 1 if last or pool < 4 or _pixel_at_pivot(detector_level(init, factor), piv) < 3 * max_spacing else 2
         vol_l, aff_l = volume_level(vol, A, vfac)
         tol = LM_TOL[1] if last else LM_TOL[0]
         R, t, losses, _ = lm_level(vol_l, torch.as_tensor(aff_l, dtype=torch.float64), g_r, t_l, R, t, piv,
                                    similarity=similarity, pool=pool, iterations=iters, tol_deg=tol[0],
-                                   tol_mm=tol[1], on_render=log.step)
+                                   tol_mm=tol[1], on_render=log.step, radius=radius)
         log.end_level(iters, len(losses), detector_binning=render * pool, detector=[t_l.shape[-2], t_l.shape[-1]],
                       rendered=[g_r.rows, g_r.cols], ct_pooling=vfac)
     return so3_log(R), t

@@ -35,6 +35,10 @@ LEAST_SQUARES = {"ncc": ((1.0, None),), "gncc": ((0.5, "x"), (0.5, "y")),
                  "ncc+gncc": ((0.5, None), (0.25, "x"), (0.25, "y"))}
 
 
+#: relative curvature below which a pose direction counts as unobservable (held fixed by the LM step)
+NULL_RATIO = 1e-9
+
+
 def drr_and_pose_jacobian(volume: torch.Tensor, geometry: Geometry, affine: torch.Tensor, pivot: torch.Tensor):
     """The Siddon DRR ``(V, rows, cols)`` and its Jacobian ``(V, rows, cols, 6)`` with respect to a rigid motion
     of the geometry about ``pivot``: ``apply_pose(geometry, δω, δt, pivot)`` at ``δω = δt = 0`` (δω in
@@ -146,13 +150,16 @@ def compose_left(R: torch.Tensor, t: torch.Tensor, delta: torch.Tensor) -> Tuple
 def lm_level(volume: torch.Tensor, affine: torch.Tensor, geometry: Geometry, target: torch.Tensor, R: torch.Tensor,
              t: torch.Tensor, pivot: torch.Tensor, *, similarity: str, pool: int, iterations: int,
              tol_deg: float, tol_mm: float, rtol: float = 0.0, on_render=None, lam: float = 1e-3,
-             max_rejects: int = 3):
+             max_rejects: int = 3, radius: float = 100.0):
     """Levenberg–Marquardt iterations at one pyramid level; returns ``(R, t, losses, lam)``.
 
     The geometry ``apply_pose(geometry, R, t, pivot)`` is rendered at the geometry's resolution, its DRR and
     Jacobian average-pooled by ``pool`` and compared with ``target`` (already pooled). A step solves
     ``(JᵀJ + λ diag(JᵀJ)) δ = −Jᵀr``; it is kept when the loss drops (λ ÷ 3), else λ × 10 and retried,
-    at most ``max_rejects`` times in a row (then the level ends). The level also ends when a kept step
+    at most ``max_rejects`` times in a row (then the level ends). Rotations are measured as arcs at ``radius``
+    (mm) to compare them with translations; pose directions whose curvature ``JᵀJ`` is below ``NULL_RATIO`` of
+    the largest (the translation along a parallel beam, which no image can see) are held fixed, and the same
+    fraction of the largest curvature is added to every direction. The level also ends when a kept step
     moves less than ``tol_deg`` and ``tol_mm`` or lowers the loss by less than the fraction ``rtol``, or after
     ``iterations`` steps. Every render (kept or not)
     appends its loss to ``losses`` and calls ``on_render(loss)``.
@@ -171,12 +178,21 @@ def lm_level(volume: torch.Tensor, affine: torch.Tensor, geometry: Geometry, tar
         return r, Jr, loss
 
     r, Jr, loss = evaluate(R, t)
+    scale = torch.tensor([1.0 / radius] * 3 + [1.0] * 3, dtype=torch.float64)
     for _ in range(int(iterations)):
-        H, g = Jr.T @ Jr, Jr.T @ r
+        H, g = Jr.T @ (Jr * scale), Jr.T @ r      # in scaled units: rotations as mm of arc at ``radius``
+        H = H * scale[:, None]
+        g = g * scale
+        d = torch.diag(H)
+        dmax = float(d.max()) if float(d.max()) > 0 else 1.0
+        # directions the images cannot see (the translation along a parallel beam): held fixed
+        evals, evecs = torch.linalg.eigh(H)
+        null = evecs[:, evals < NULL_RATIO * max(float(evals.max()), 1e-300)]
         rejects = 0
         while True:
-            A = H + lam * torch.diag(torch.diag(H).clamp_min(1e-12 * float(torch.diag(H).max()) + 1e-30))
+            A = H + lam * torch.diag(d.clamp_min(NULL_RATIO * dmax)) + NULL_RATIO * dmax * torch.eye(6, dtype=H.dtype)
             delta = -torch.linalg.solve(A, g)
+            delta = (delta - null @ (null.T @ delta)) * scale
             R2, t2 = compose_left(R, t, delta)
             r2, Jr2, loss2 = evaluate(R2, t2)
             if loss2 < loss:
