@@ -43,7 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="'lm': Levenberg-Marquardt on the DRR's pose Jacobian (Siddon with ncc/gncc/ncc+gncc); "
                          "'adam': gradient steps; 'auto' (default): lm where it applies, else adam")
     ap.add_argument("--levels", default=None, metavar="W:N,...",
-                    help="coarse-to-fine levels as detector-width:iterations (default: lm 8:10,16:15,64:8,FULL:12; "
+                    help="coarse-to-fine levels as detector-width:iterations (default: lm 8:10,16:15,64:8,FULL:25; "
                          "adam 32:80,64:50,128:30)")
     ap.add_argument("--lr-rotation", type=float, default=1.0, help="Adam step for the rotation, degrees (default 1)")
     ap.add_argument("--lr-translation", type=float, default=2.0, help="Adam step for the translation, mm (default 2)")
