@@ -37,6 +37,9 @@ LEAST_SQUARES = {"ncc": ((1.0, None),), "gncc": ((0.5, "x"), (0.5, "y")),
 
 #: relative curvature below which a pose direction counts as unobservable (held fixed by the LM step)
 NULL_RATIO = 1e-9
+#: the largest LM step, as a fraction of ``radius`` (rotations counted as arcs at ``radius``): 0.2 ≈ 11.5°; a rejected
+#: step shrinks it to a quarter of that step, a kept one lets it grow back
+TRUST = 0.2
 
 
 def drr_and_pose_jacobian(volume: torch.Tensor, geometry: Geometry, affine: torch.Tensor, pivot: torch.Tensor):
@@ -159,10 +162,11 @@ def lm_level(volume: torch.Tensor, affine: torch.Tensor, geometry: Geometry, tar
     at most ``max_rejects`` times in a row (then the level ends). Rotations are measured as arcs at ``radius``
     (mm) to compare them with translations; pose directions whose curvature ``JᵀJ`` is below ``NULL_RATIO`` of
     the largest (the translation along a parallel beam, which no image can see) are held fixed, and the same
-    fraction of the largest curvature is added to every direction. The level also ends when a kept step
-    moves less than ``tol_deg`` and ``tol_mm`` or lowers the loss by less than the fraction ``rtol``, or after
-    ``iterations`` steps. Every render (kept or not)
-    appends its loss to ``losses`` and calls ``on_render(loss)``.
+    fraction of the largest curvature is added to every direction. Steps are also kept within a trust region
+    (``TRUST``) that shrinks on every rejection, so an ill-conditioned direction cannot throw the pose far
+    away. The level also ends when a kept step moves less than ``tol_deg`` and ``tol_mm`` or lowers the loss by
+    less than the fraction ``rtol``, or after ``iterations`` steps. Every render (kept or not) appends its loss
+    to ``losses`` and calls ``on_render(loss)``.
     """
     losses: List[float] = []
 
@@ -179,6 +183,7 @@ def lm_level(volume: torch.Tensor, affine: torch.Tensor, geometry: Geometry, tar
 
     r, Jr, loss = evaluate(R, t)
     scale = torch.tensor([1.0 / radius] * 3 + [1.0] * 3, dtype=torch.float64)
+    max_trust = trust = TRUST * radius
     for _ in range(int(iterations)):
         H, g = Jr.T @ (Jr * scale), Jr.T @ r      # in scaled units: rotations as mm of arc at ``radius``
         H = H * scale[:, None]
@@ -191,16 +196,22 @@ def lm_level(volume: torch.Tensor, affine: torch.Tensor, geometry: Geometry, tar
         rejects = 0
         while True:
             A = H + lam * torch.diag(d.clamp_min(NULL_RATIO * dmax)) + NULL_RATIO * dmax * torch.eye(6, dtype=H.dtype)
-            delta = -torch.linalg.solve(A, g)
-            delta = (delta - null @ (null.T @ delta)) * scale
+            step = -torch.linalg.solve(A, g)
+            step = step - null @ (null.T @ step)
+            size = float(step.norm())
+            if size > trust:                         # a trust region on top of the damping (ill-posed directions)
+                step, size = step * (trust / size), trust
+            delta = step * scale
             R2, t2 = compose_left(R, t, delta)
             r2, Jr2, loss2 = evaluate(R2, t2)
             if loss2 < loss:
                 gain = (loss - loss2) / max(loss, 1e-30)
                 R, t, r, Jr, loss = R2, t2, r2, Jr2, loss2
                 lam = max(lam / 3.0, 1e-7)
+                trust = min(max_trust, max(trust, 2.0 * size))
                 break
             lam *= 10.0
+            trust = size / 4.0
             rejects += 1
             if rejects >= max_rejects:
                 return R, t, losses, lam
