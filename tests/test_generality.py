@@ -361,9 +361,12 @@ def _parallel_registration_case(init_angles):
     return mu, A, target, view(init_angles), truth
 
 
-@pytest.mark.xfail(strict=True, reason="xwin/register (not owned here): Levenberg-Marquardt does not converge on a "
-                   "parallel-beam geometry (the translation along the beam is unobservable: a zero Jacobian column); it "
-                   "ends ~4 deg off where Adam reaches 0.1 deg, and still reports success")
+@pytest.mark.xfail(strict=True, reason="xwin/register: Levenberg-Marquardt stops ~4-6 deg off on this coarse parallel-beam "
+                   "scene (12 mm voxels, 6 mm pixels; Adam reaches ~0.07 deg). Not the along-beam translation: that "
+                   "zero-curvature direction is held fixed and the pixel Jacobian matches finite differences to 1e-9; "
+                   "the exact Siddon derivative is only predictive over a fraction of a voxel here, so the large LM "
+                   "steps are rejected (result status 'stalled') or the kept ones shrink below the tolerance at a false "
+                   "stop (status 'converged', loss ~1e-2); smoothing the CT did not help. The default is unchanged")
 def test_register_lm_recovers_a_parallel_beam_pose():
     from xwin.register.core import register
 
@@ -374,9 +377,6 @@ def test_register_lm_recovers_a_parallel_beam_pose():
     assert err < 0.1 * err0, (err0, err)
 
 
-@pytest.mark.xfail(strict=True, reason="xwin/register (not owned here): from an axis-aligned parallel-beam start the "
-                   "Siddon pose gradient is exactly 0 (every ray runs along voxel columns), Adam never moves and LM "
-                   "returns the initial pose; both exit as if registered")
 @pytest.mark.parametrize("optimizer", ["adam", "lm"])
 def test_register_from_an_axis_aligned_parallel_beam_start(optimizer):
     from xwin.register.core import register
@@ -385,11 +385,14 @@ def test_register_from_an_axis_aligned_parallel_beam_start(optimizer):
     err0 = float((init.direction - truth.direction).norm())
     r = register(mu, target, init, affine=A, optimizer=optimizer)
     err = float((r.geometry.direction - truth.direction).norm())
+    # every ray runs along voxel columns: Siddon's pose gradient is 0 (its integral is piecewise constant in the
+    # pose), so the run detects that and is redone with Adam on the trilinear projector (measured: 0.22 x err0)
+    assert (r.optimizer, r.method) == ("adam", "trilinear") and r.converged, (r.optimizer, r.method, r.status)
     assert err < 0.3 * err0, (err0, err)
 
 
 def test_register_adam_recovers_a_parallel_beam_pose_from_an_oblique_start():
-    """The control for the two xfails above: the same scene from a generic start registers with Adam."""
+    """The control for the xfail above: the same scene from a generic start registers with Adam."""
     from xwin.register.core import register
 
     mu, A, target, init, truth = _parallel_registration_case((1.3, 2.1, -0.7))

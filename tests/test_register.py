@@ -62,6 +62,10 @@ def test_register_recovers_a_perturbed_pose(small_ct, optimizer):
     if optimizer == "lm":
         assert len(res.losses) <= 30 and after < 0.05, (len(res.losses), after)
     assert res.losses[-1] < 0.1 * res.losses[0]
+    assert res.converged and res.status == "converged" and (res.optimizer, res.method) == (optimizer, "siddon")
+    last = [x for x, lv in zip(res.losses, res.level_of_step) if lv == res.level_of_step[-1]]
+    # LM: the last accepted loss, the lowest of the level's renders (rejected trial renders are in the curve too)
+    assert res.final_loss == res.levels[-1]["final_loss"] == (min(last) if optimizer == "lm" else last[-1])
     torch.testing.assert_close(res.geometry.source, truth.source, atol=1.0, rtol=0)
 
 
@@ -131,7 +135,7 @@ def test_cli_writes_results_and_figures(small_ct, tmp_path):
                "--out", str(out), "--levels", "16:30,32:30", "--no-progress"])
     assert rc == 0
     res = json.loads((out / "result.json").read_text())
-    assert {"geometry", "pose_change", "loss_curve", "seconds"} <= set(res)
+    assert {"geometry", "pose_change", "loss_curve", "seconds", "status", "converged", "final_loss"} <= set(res)
     g = Geometry.from_json(res)
     assert (g.rows, g.cols) == (32, 32)
     assert len(res["loss_curve"]) > 10 and res["loss_curve"][-1] < res["loss_curve"][0]

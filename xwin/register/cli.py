@@ -194,7 +194,14 @@ def run(args) -> int:
         write_figures(out, target[0].numpy(), a, b, res.losses, res.level_of_step)
     print(f"registered in {res.seconds:.1f} s ({len(res.losses)} DRR renders): rotation "
           f"{np.degrees(float(res.rotation.norm())):.3f} deg, translation {float(res.translation.norm()):.3f} mm, "
-          f"loss {res.losses[0]:.4f} -> {res.losses[-1]:.4f}; wrote {out / 'result.json'}")
+          f"loss {res.losses[0]:.4f} -> {res.final_loss:.4f} (accepted); status {res.status}"
+          + ("" if res.method == args.method else f" (fell back to {res.optimizer} on the {res.method} projector)")
+          + f"; wrote {out / 'result.json'}")
+    if res.status in ("zero_gradient", "diverged"):
+        print(f"error: the registration failed ({res.status}); the result in {out} is not a registered pose", file=sys.stderr)
+        return 3
+    if not res.converged:
+        print(f"warning: the registration did not converge ({res.status})", file=sys.stderr)
     return 0
 
 

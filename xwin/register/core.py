@@ -43,6 +43,17 @@ class RegistrationResult:
     ``rotation`` (axis-angle, radians) and ``translation`` (mm) are the pose change applied to the initial
     geometry about ``pivot``; ``geometry`` is the initial geometry moved by it. ``losses`` holds one value
     per optimiser step (1 − similarity at that step's pose), ``level_of_step`` the pyramid level of each.
+
+    ``status`` says how the optimiser ended, from what it knows (never from the truth): ``"converged"`` (the last
+    level ended on its step tolerance or, for LM, could find no better pose within a small step; for Adam, the
+    last level ran to its end with a non-zero gradient), ``"iteration_limit"`` (LM: the last level ran out of
+    iterations while still moving), ``"stalled"`` (LM: large steps kept failing at the last level),
+    ``"zero_gradient"`` (the pose gradient was exactly zero, so nothing moved: e.g. parallel rays along a voxel
+    axis with Siddon, whose integral is piecewise constant in the pose) or ``"diverged"`` (the translation grew
+    beyond half the CT's diagonal). ``converged`` is ``status == "converged"``. ``final_loss`` is the last
+    accepted loss (``losses`` also holds LM's rejected trial renders). ``optimizer``/``method`` are what ran in
+    the end: a Siddon run whose gradient is exactly zero at the start is redone with Adam on the trilinear
+    projector (``"adam"``, ``"trilinear"``).
     """
 
     geometry: Geometry
@@ -54,6 +65,11 @@ class RegistrationResult:
     levels: List[dict] = field(default_factory=list)
     seconds: float = 0.0
     similarity: str = ""
+    status: str = ""
+    converged: bool = False
+    final_loss: Optional[float] = None
+    optimizer: str = ""
+    method: str = ""
 
     def to_dict(self) -> dict:
         import json
@@ -65,7 +81,9 @@ class RegistrationResult:
                                 "convention": "x -> R (x - pivot) + pivot + t applied to the initial geometry; "
                                               "R = exp([rotation]x)"},
                 "loss_curve": self.losses, "level_of_step": self.level_of_step, "levels": self.levels,
-                "seconds": self.seconds, "similarity": self.similarity}
+                "seconds": self.seconds, "similarity": self.similarity, "status": self.status,
+                "converged": self.converged, "final_loss": self.final_loss, "optimizer": self.optimizer,
+                "method": self.method}
 
 
 # ------------------------------------------------------------------------------------------ the pyramid
@@ -211,17 +229,33 @@ def register(volume: torch.Tensor, target, init: Geometry, *, affine=None, level
 
         bar = tqdm(total=sum(it for _, it in levels), desc="registering", dynamic_ncols=True)
     log = _Log(bar, callback, len(levels))
+    opt_name = "lm" if use_lm else "adam"
     try:
-        omega, trans = run(vol, A, tgt, init, piv, levels, log, similarity=similarity, sim=sim, method=method,
-                           lr=(lr_rotation_deg, lr_translation_mm), patience=patience)
+        omega, trans, status = run(vol, A, tgt, init, piv, levels, log, similarity=similarity, sim=sim, method=method,
+                                   lr=(lr_rotation_deg, lr_translation_mm), patience=patience)
+        if status == "zero_gradient" and method == "siddon":
+            # Siddon's integral is piecewise constant in the pose where every ray runs along voxel planes (e.g. a
+            # parallel beam along a voxel axis): its exact derivative is 0 and nothing moves. The trilinear
+            # projector's is not: redo the run with Adam on it (the similarity is the same; LM needs Siddon)
+            opt_name, method = "adam", "trilinear"
+            if use_lm:
+                levels = default_levels(init.cols)
+            log.restart(len(levels))
+            omega, trans, status = _run_adam(vol, A, tgt, init, piv, levels, log, sim=sim, method=method,
+                                             lr=(lr_rotation_deg, lr_translation_mm), patience=patience)
     finally:
         if bar is not None:
             bar.close()
+    radius = _half_diagonal(volume.shape, A)
+    if not (math.isfinite(float(trans.norm())) and float(trans.norm()) <= radius and bool(torch.isfinite(omega).all())):
+        status = "diverged"
     with torch.no_grad():
         final = apply_pose(init, omega, trans, piv)
     return RegistrationResult(geometry=final, rotation=omega, translation=trans, pivot=piv, losses=log.losses,
                               level_of_step=log.level_of, levels=log.info, seconds=time.perf_counter() - t_start,
-                              similarity=similarity)
+                              similarity=similarity, status=status, converged=status == "converged",
+                              final_loss=log.info[-1]["final_loss"] if log.info else None, optimizer=opt_name,
+                              method=method)
 
 
 def resolve_optimizer(optimizer: str, method: str, similarity: str) -> str:
@@ -254,11 +288,26 @@ class _Log:
         if self.callback is not None:
             self.callback(len(self.losses), self.level, loss)
 
-    def end_level(self, budget: int, done: int, **info):
+    def end_level(self, budget: int, done: int, final_loss=None, **info):
         if self.bar is not None and done < budget:
             self.bar.update(budget - done)
-        self.info.append(dict(info, steps=done, final_loss=self.losses[-1] if self.losses else None))
+        if final_loss is None:
+            final_loss = self.losses[-1] if self.losses else None
+        self.info.append(dict(info, steps=done, final_loss=final_loss))
         self.level += 1
+
+    def restart(self, n_levels: int):
+        """A second run (the fallback) continues the loss curve; its levels are numbered after the first's."""
+        self.n_levels = self.level + n_levels
+
+
+def _half_diagonal(shape, A) -> float:
+    """Half the CT's diagonal (mm)."""
+    return 0.5 * float(np.linalg.norm(np.linalg.norm(np.asarray(A)[:3, :3], axis=0) * np.asarray(shape)))
+
+
+#: a loss gradient this small (loss change over moving the CT's half-diagonal, or one radian) counts as exactly zero
+ZERO_GRADIENT = 1e-6
 
 
 def _ct_pooling(g_l: Geometry, piv, min_spacing: float) -> int:
@@ -268,8 +317,10 @@ def _ct_pooling(g_l: Geometry, piv, min_spacing: float) -> int:
 
 def _run_adam(vol, A, tgt, init, piv, levels, log, *, sim, method, lr, patience, **_):
     min_spacing = float(np.linalg.norm(A[:3, :3], axis=0).min())
+    radius = _half_diagonal(vol.shape, A)
     w_deg = torch.zeros(3, dtype=torch.float64, requires_grad=True)    # ω in degrees (axis-angle)
     t_mm = torch.zeros(3, dtype=torch.float64, requires_grad=True)
+    moved = False
     for li, (factor, iters) in enumerate(levels):
         g_l = detector_level(init, factor)
         t_l = image_level(tgt, factor)
@@ -288,10 +339,13 @@ def _run_adam(vol, A, tgt, init, piv, levels, log, *, sim, method, lr, patience,
             drr = project(vol_l, g, affine=aff_l, method=method, check_finite=False)
             loss = 1.0 - sim(drr, t_l)
             loss.backward()
+            moved = moved or float(t_mm.grad.norm()) * radius + float(w_deg.grad.norm()) * 180 / math.pi > ZERO_GRADIENT
             opt.step()
             lv = float(loss.detach())
             log.step(lv)
             done += 1
+            if not moved:
+                break
             if lv < best - 1e-6:
                 best, since = lv, 0
             else:
@@ -299,13 +353,17 @@ def _run_adam(vol, A, tgt, init, piv, levels, log, *, sim, method, lr, patience,
                 if since >= patience and k >= 2 * patience:
                     break
         log.end_level(iters, done, detector_binning=factor, detector=[g_l.rows, g_l.cols], ct_pooling=vfac)
-    return torch.deg2rad(w_deg.detach()), t_mm.detach().clone()
+        if not moved:
+            break                                   # a zero gradient at the start: Adam's pose would never move
+    return torch.deg2rad(w_deg.detach()), t_mm.detach().clone(), "converged" if moved else "zero_gradient"
 
 
 #: the LM renders at least this many detector columns (or the whole detector) and pools to the level's size
 LM_RENDER_COLS = 64
 #: LM tolerances (a kept step smaller than both ends a level): coarse levels, last level
 LM_TOL = ((0.05, 0.05), (0.01, 0.02))
+#: LM's last level ending on rejected steps counts as converged when the last step it tried was at most this (mm)
+LM_STALL_STEP_MM = 0.25
 
 
 def _run_lm(vol, A, tgt, init, piv, levels, log, *, similarity, **_):
@@ -313,9 +371,8 @@ def _run_lm(vol, A, tgt, init, piv, levels, log, *, similarity, **_):
 
     from .lm import lm_level
 
-    spacing = np.linalg.norm(A[:3, :3], axis=0)
-    max_spacing = float(spacing.max())
-    radius = 0.5 * float(np.linalg.norm(spacing * np.asarray(vol.shape)))     # half the CT's diagonal (mm)
+    max_spacing = float(np.linalg.norm(A[:3, :3], axis=0).max())
+    radius = _half_diagonal(vol.shape, A)
     R, t = torch.eye(3, dtype=torch.float64), torch.zeros(3, dtype=torch.float64)
     cap = max(1, int(round(init.cols / LM_RENDER_COLS)))
     for li, (factor, iters) in enumerate(levels):
@@ -333,12 +390,20 @@ def _run_lm(vol, A, tgt, init, piv, levels, log, *, similarity, **_):
         vfac = 1 if last or pool < 4 or _pixel_at_pivot(detector_level(init, factor), piv) < 3 * max_spacing else 2
         vol_l, aff_l = volume_level(vol, A, vfac)
         tol = LM_TOL[1] if last else LM_TOL[0]
+        rep = {}
         R, t, losses, _ = lm_level(vol_l, torch.as_tensor(aff_l, dtype=torch.float64), g_r, t_l, R, t, piv,
                                    similarity=similarity, pool=pool, iterations=iters, tol_deg=tol[0],
-                                   tol_mm=tol[1], on_render=log.step, radius=radius)
-        log.end_level(iters, len(losses), detector_binning=render * pool, detector=[t_l.shape[-2], t_l.shape[-1]],
-                      rendered=[g_r.rows, g_r.cols], ct_pooling=vfac)
-    return so3_log(R), t
+                                   tol_mm=tol[1], on_render=log.step, radius=radius, report=rep)
+        log.end_level(iters, len(losses), final_loss=rep["loss"], detector_binning=render * pool,
+                      detector=[t_l.shape[-2], t_l.shape[-1]], rendered=[g_r.rows, g_r.cols], ct_pooling=vfac, end=rep["end"])
+        if rep["end"] == "no_gradient" and li == 0:
+            return so3_log(R), t, "zero_gradient"
+    # how the last level ended: its step tolerance, or rejections of steps already as small as a few times the
+    # tolerance (no better pose nearby), count as converged
+    status = {"tolerance": "converged", "iterations": "iteration_limit", "no_gradient": "zero_gradient"}.get(rep["end"])
+    if status is None:
+        status = "converged" if rep["last_step"] <= LM_STALL_STEP_MM else "stalled"
+    return so3_log(R), t, status
 
 
 def compose(pose_a: Tuple[torch.Tensor, torch.Tensor], pose_b: Tuple[torch.Tensor, torch.Tensor]):

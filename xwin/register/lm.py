@@ -37,6 +37,9 @@ LEAST_SQUARES = {"ncc": ((1.0, None),), "gncc": ((0.5, "x"), (0.5, "y")),
 
 #: relative curvature below which a pose direction counts as unobservable (held fixed by the LM step)
 NULL_RATIO = 1e-9
+#: a Jacobian whose norm (residual per mm of translation or of arc at ``radius``) times ``radius`` is below this is
+#: treated as zero: no pose within the CT's size would change the residual visibly (float round-off is ~1e-8)
+ZERO_GRADIENT = 1e-4
 #: the largest LM step, as a fraction of ``radius`` (rotations counted as arcs at ``radius``): 0.2 ≈ 11.5°; a rejected
 #: step shrinks it to a quarter of that step, a kept one lets it grow back
 TRUST = 0.2
@@ -153,7 +156,7 @@ def compose_left(R: torch.Tensor, t: torch.Tensor, delta: torch.Tensor) -> Tuple
 def lm_level(volume: torch.Tensor, affine: torch.Tensor, geometry: Geometry, target: torch.Tensor, R: torch.Tensor,
              t: torch.Tensor, pivot: torch.Tensor, *, similarity: str, pool: int, iterations: int,
              tol_deg: float, tol_mm: float, rtol: float = 0.0, on_render=None, lam: float = 1e-3,
-             max_rejects: int = 3, radius: float = 100.0):
+             max_rejects: int = 3, radius: float = 100.0, report: dict = None):
     """Levenberg–Marquardt iterations at one pyramid level; returns ``(R, t, losses, lam)``.
 
     The geometry ``apply_pose(geometry, R, t, pivot)`` is rendered at the geometry's resolution, its DRR and
@@ -167,7 +170,14 @@ def lm_level(volume: torch.Tensor, affine: torch.Tensor, geometry: Geometry, tar
     away. The level also ends when a kept step moves less than ``tol_deg`` and ``tol_mm`` or lowers the loss by
     less than the fraction ``rtol``, or after ``iterations`` steps. Every render (kept or not) appends its loss
     to ``losses`` and calls ``on_render(loss)``.
+
+    ``report`` (a dict, optional) receives why the level ended — ``"tolerance"`` (a small kept step or gain),
+    ``"iterations"``, ``"rejected"`` (``max_rejects`` rejections in a row) or ``"no_gradient"`` (the Jacobian is
+    exactly zero at the start: e.g. parallel rays along a voxel axis, where Siddon's integral is piecewise
+    constant in the pose, so nothing is moved) — with ``loss`` (the last accepted loss) and ``last_step`` (the
+    last tried step, scaled mm).
     """
+    report = {} if report is None else report
     losses: List[float] = []
 
     def evaluate(R_, t_):
@@ -184,6 +194,10 @@ def lm_level(volume: torch.Tensor, affine: torch.Tensor, geometry: Geometry, tar
     r, Jr, loss = evaluate(R, t)
     scale = torch.tensor([1.0 / radius] * 3 + [1.0] * 3, dtype=torch.float64)
     max_trust = trust = TRUST * radius
+    report.update(end="iterations", loss=loss, last_step=0.0)
+    if float(Jr.norm()) * radius < ZERO_GRADIENT * math.sqrt(Jr.shape[1]):
+        report["end"] = "no_gradient"
+        return R, t, losses, lam
     for _ in range(int(iterations)):
         H, g = Jr.T @ (Jr * scale), Jr.T @ r      # in scaled units: rotations as mm of arc at ``radius``
         H = H * scale[:, None]
@@ -204,17 +218,21 @@ def lm_level(volume: torch.Tensor, affine: torch.Tensor, geometry: Geometry, tar
             delta = step * scale
             R2, t2 = compose_left(R, t, delta)
             r2, Jr2, loss2 = evaluate(R2, t2)
+            report["last_step"] = size
             if loss2 < loss:
                 gain = (loss - loss2) / max(loss, 1e-30)
                 R, t, r, Jr, loss = R2, t2, r2, Jr2, loss2
                 lam = max(lam / 3.0, 1e-7)
                 trust = min(max_trust, max(trust, 2.0 * size))
+                report["loss"] = loss
                 break
             lam *= 10.0
             trust = size / 4.0
             rejects += 1
             if rejects >= max_rejects:
+                report["end"] = "rejected"
                 return R, t, losses, lam
         if (math.degrees(float(delta[:3].norm())) < tol_deg and float(delta[3:].norm()) < tol_mm) or gain < rtol:
+            report["end"] = "tolerance"
             break
     return R, t, losses, lam
