@@ -184,7 +184,7 @@ def run(args) -> int:
                    optimizer=args.optimizer, lr_rotation_deg=args.lr_rotation, lr_translation_mm=args.lr_translation, pivot=pivot,
                    progress=not args.no_progress)
     d = res.to_dict()
-    d.update(ct=str(args.ct), target=str(args.xray), init_geometry=json.loads(init.to_json()), method=args.method)
+    d.update(ct=str(args.ct), target=str(args.xray), init_geometry=json.loads(init.to_json()), requested_method=args.method)
     (out / "result.json").write_text(json.dumps(d, indent=1))
     (out / "geometry.json").write_text(res.geometry.to_json())
     if not args.no_figures:
@@ -194,7 +194,7 @@ def run(args) -> int:
         write_figures(out, target[0].numpy(), a, b, res.losses, res.level_of_step)
     print(f"registered in {res.seconds:.1f} s ({len(res.losses)} DRR renders): rotation "
           f"{np.degrees(float(res.rotation.norm())):.3f} deg, translation {float(res.translation.norm()):.3f} mm, "
-          f"loss {res.losses[0]:.4f} -> {res.final_loss:.4f} (accepted); status {res.status}"
+          f"loss {res.losses[0]:.4f} -> {res.final_loss:.4f} (last accepted, at the finest level); status {res.status}"
           + ("" if res.method == args.method else f" (fell back to {res.optimizer} on the {res.method} projector)")
           + f"; wrote {out / 'result.json'}")
     if res.status in ("zero_gradient", "diverged"):
