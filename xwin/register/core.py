@@ -29,7 +29,7 @@ from xwin.pose import apply_pose, so3_exp, volume_center
 from .similarity import similarity as _similarity
 
 __all__ = ["RegistrationError", "RegistrationResult", "register", "detector_level", "image_level", "volume_level",
-           "default_levels", "default_lm_levels", "compose"]
+           "default_levels", "default_lm_levels", "compose", "near_axis_parallel_beam"]
 
 
 class RegistrationError(XwinError):
@@ -199,7 +199,10 @@ def register(volume: torch.Tensor, target, init: Geometry, *, affine=None, level
             ``"mncc"`` (multiscale patch NCC).
         method: projector method, ``"siddon"`` (exact) or ``"trilinear"``.
         optimizer: ``"lm"`` (Levenberg–Marquardt on the pixel Jacobian, :mod:`xwin.register.lm`; Siddon and
-            the NCC/gradient-NCC similarities only), ``"adam"``, or ``"auto"`` (``"lm"`` where it applies).
+            the NCC/gradient-NCC similarities only), ``"adam"``, or ``"auto"`` (``"lm"`` where it applies). A
+            parallel beam close to a voxel axis (:func:`near_axis_parallel_beam`) runs Adam even for ``"lm"``, and a
+            Siddon gradient that is zero at the start reruns with Adam on the trilinear projector; the result's
+            ``optimizer`` and ``method`` say what ran.
         lr_rotation_deg, lr_translation_mm: Adam step sizes at the first level (halved at every level,
             cosine-decayed to a tenth within a level).
         pivot: rotation centre (3,) world mm; default the CT's centre.
@@ -218,10 +221,15 @@ def register(volume: torch.Tensor, target, init: Geometry, *, affine=None, level
     init = init.detach()
     A = np.eye(4) if affine is None else np.asarray(affine, dtype=np.float64)
     piv = volume_center(volume.shape, A) if pivot is None else torch.as_tensor(pivot, dtype=torch.float64).reshape(3)
+    levels_default = levels is None
     if levels is None:
         levels = default_lm_levels(init.cols) if use_lm else default_levels(init.cols)
     levels = [(int(f), int(it)) for f, it in levels]
     vol = volume.detach().to(torch.float32).contiguous()
+    if use_lm and near_axis_parallel_beam(init, A, volume.shape):
+        # LM's exact Siddon Jacobian only predicts sub-voxel moves here (see near_axis_parallel_beam): Adam instead
+        use_lm = False
+        levels = default_levels(init.cols) if levels_default else levels
     run = _run_lm if use_lm else _run_adam
     bar = None
     if progress:
@@ -256,6 +264,31 @@ def register(volume: torch.Tensor, target, init: Geometry, *, affine=None, level
                               similarity=similarity, status=status, converged=status == "converged",
                               final_loss=log.info[-1]["final_loss"] if log.info else None, optimizer=opt_name,
                               method=method)
+
+
+#: a parallel beam whose rays cross fewer than this many voxel planes of some index axis (the beam's major axis
+#: aside) over the CT counts as near-axis-aligned
+NEAR_AXIS_CROSSINGS = 2.0
+
+
+def near_axis_parallel_beam(geometry: Geometry, affine, shape) -> bool:
+    """Whether a parallel beam runs so close to a voxel axis that its rays cross fewer than
+    ``NEAR_AXIS_CROSSINGS`` planes of another index axis through the whole CT (any view).
+
+    There Siddon's integral, as a function of the pose, is piecewise linear with kinks a small fraction of a
+    voxel apart (a ray flips from one voxel column to the next), and its exact derivative — large, ``Δμ / w⊥`` —
+    predicts only sub-voxel moves: Levenberg–Marquardt's Gauss–Newton steps are rejected or shrink to nothing
+    far from the truth (measured: 5.9° off from a 6.9° start on 8×9×12 mm voxels), while Adam, whose momentum
+    averages the derivative over many steps, registers. :func:`register` uses Adam for such geometries."""
+    if geometry.kind != "parallel":
+        return False
+    minv = np.linalg.inv(np.asarray(affine, dtype=np.float64)[:3, :3])
+    e = np.abs(geometry.direction.detach().cpu().numpy() @ minv.T)             # index steps per mm, per view
+    major = e.argmax(1)
+    n_major = np.asarray(shape, dtype=np.float64)[major]
+    crossings = e / e.max(1, keepdims=True) * n_major[:, None]
+    crossings[np.arange(len(major)), major] = np.inf
+    return bool((crossings < NEAR_AXIS_CROSSINGS).any())
 
 
 def resolve_optimizer(optimizer: str, method: str, similarity: str) -> str:
