@@ -124,13 +124,13 @@ def check_method_options(method: str, *, views: Optional[int], subsets: Optional
     if method not in METHODS:
         raise _error(f"method must be one of {METHODS}, got {method!r}")
     if method in ("fdk", "fbp") and views is not None and views < 3:
-        raise _error("--views must be at least 3 for filtered backprojection")
+        raise _error(f"filtered backprojection needs at least 3 views, got {views}")
     if not (0 < cutoff <= 1):
         raise _error(f"--cutoff must be in (0, 1], got {cutoff:g}")
     if tv_weight < 0 or not math.isfinite(tv_weight):
         raise _error(f"--tv-weight must be >= 0, got {tv_weight:g}")
     if method in ("sirt", "tv") and views is not None and subsets is not None and subsets > views:
-        raise _error(f"--subsets ({subsets}) cannot exceed --views ({views})")
+        raise _error(f"--subsets ({subsets}) cannot exceed the number of views ({views})")
 
 
 def reconstruct_projections(p, geometry, shape: Sequence[int], affine, *, method: str = "fdk",
