@@ -134,6 +134,15 @@ def tile_rays(params_ptr, V, ROWS, COLS, NX, NY, NZ, IS_CONE: tl.constexpr, DTYP
 
 
 @triton.jit
+def reorigin(pmask, t0, t1, ox, oy, oz, ex, ey, ez):
+    """Which rays meet the box, their length L in it (0 if not), t0 (0 if not) and the entry point."""
+    hit = pmask & (t1 > t0)
+    L = tl.where(hit, t1 - t0, 0.0)
+    t0 = tl.where(hit, t0, 0.0)
+    return hit, L, t0, ox + t0 * ex, oy + t0 * ey, oz + t0 * ez
+
+
+@triton.jit
 def flat_offsets(b, v, V, rr, cc, ROWS, COLS, NX, NY, NZ, INT64: tl.constexpr):
     """Offset of volume b's first voxel, and of the pixels (rr, cc) of view v, in int64 when asked."""
     if INT64:

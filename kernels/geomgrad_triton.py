@@ -24,7 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._triton_common import INF, axis_range, flat_offsets, tile_rays, voxel_offset
+from ._triton_common import INF, axis_range, flat_offsets, reorigin, tile_rays, voxel_offset
 
 __all__ = ["siddon_grad_kernel", "trilinear_grad_kernel", "ray_grads", "NOUT", "aot_specs"]
 
@@ -49,15 +49,6 @@ def _box_terms(ox, oy, oz, ex, ey, ez, lo, fnx, fny, fnz, hi_off, tlo, thi, UPPE
     ent = tl.where(emax > tlo, ent, -1)
     ext = tl.where(xmin < thi, ext, -1)
     return tl.maximum(tlo, emax), tl.minimum(thi, xmin), ent, ext
-
-
-@triton.jit
-def _reorigin(pmask, t0, t1, ox, oy, oz, ex, ey, ez):
-    """Which rays meet the box, their length L in it (0 if not), t0 (0 if not) and the entry point."""
-    hit = pmask & (t1 > t0)
-    L = tl.where(hit, t1 - t0, 0.0)
-    t0 = tl.where(hit, t0, 0.0)
-    return hit, L, t0, ox + t0 * ex, oy + t0 * ey, oz + t0 * ez
 
 
 @triton.jit
@@ -113,7 +104,7 @@ def siddon_grad_kernel(vol_ptr, params_ptr, grad_ptr, out_ptr, V, ROWS, COLS, NX
     b, v, rr, cc, pmask, ox, oy, oz, ex, ey, ez, tlo, thi, zero, fnx, fny, fnz = tile_rays(
         params_ptr, V, ROWS, COLS, NX, NY, NZ, IS_CONE, DTYPE, BLOCK_R, BLOCK_C)
     t0, t1, ent, ext = _box_terms(ox, oy, oz, ex, ey, ez, -0.5, fnx, fny, fnz, -0.5, tlo, thi, True)
-    hit, L, t0, px, py, pz = _reorigin(pmask, t0, t1, ox, oy, oz, ex, ey, ez)
+    hit, L, t0, px, py, pz = reorigin(pmask, t0, t1, ox, oy, oz, ex, ey, ez)
     at_thi = hit & (ext < 0)                      # a cone ray ending inside the volume
     t1 = tl.where(hit, t1, 0.0)
     ix = _entry_index(px, ex, fnx)
@@ -220,7 +211,7 @@ def trilinear_grad_kernel(vol_ptr, params_ptr, grad_ptr, out_ptr, dt_ptr, V, ROW
         params_ptr, V, ROWS, COLS, NX, NY, NZ, IS_CONE, DTYPE, BLOCK_R, BLOCK_C)
     dt = tl.load(dt_ptr + b).to(DTYPE)
     t0, t1, ent, _ = _box_terms(ox, oy, oz, ex, ey, ez, -1.0, fnx, fny, fnz, 0.0, tlo, thi, False)
-    hit, L, t0, px, py, pz = _reorigin(pmask, t0, t1, ox, oy, oz, ex, ey, ez)
+    hit, L, t0, px, py, pz = reorigin(pmask, t0, t1, ox, oy, oz, ex, ey, ez)
     nsamp = tl.where(hit, tl.ceil(L / dt).to(tl.int32) + 1, 0)
     kmax = tl.max(nsamp, axis=0)
     vol_base, pix = flat_offsets(b, v, V, rr, cc, ROWS, COLS, NX, NY, NZ, INT64)

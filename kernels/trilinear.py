@@ -9,7 +9,7 @@ clips its ray to the support (−1, N) of the zero-padded trilinear interpolant 
 import triton
 import triton.language as tl
 
-from ._triton_common import projector_aot_specs, clip_box, flat_offsets, pixel_tile, ray_setup, voxel_offset
+from ._triton_common import projector_aot_specs, clip_box, flat_offsets, reorigin, tile_rays, voxel_offset
 
 
 @triton.jit
@@ -27,24 +27,11 @@ def _corner(vol_ptr, base, ix, iy, iz, w, ok, NY, NZ, y, acc, ADJOINT: tl.conste
 def trilinear_kernel(vol_ptr, params_ptr, proj_ptr, dt_ptr, V, ROWS, COLS, NX, NY, NZ,
                      IS_CONE: tl.constexpr, ADJOINT: tl.constexpr, DTYPE: tl.constexpr, INT64: tl.constexpr,
                      BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
-    pid = tl.program_id(0)
-    v = tl.program_id(1)
-    b = tl.program_id(2)
-    rr, cc, pmask = pixel_tile(pid, ROWS, COLS, BLOCK_R, BLOCK_C)
-    ox, oy, oz, ex, ey, ez, tlo, thi = ray_setup(params_ptr, b, v, V, rr, cc, ROWS, COLS, IS_CONE, DTYPE)
+    b, v, rr, cc, pmask, ox, oy, oz, ex, ey, ez, tlo, thi, zero, fnx, fny, fnz = tile_rays(
+        params_ptr, V, ROWS, COLS, NX, NY, NZ, IS_CONE, DTYPE, BLOCK_R, BLOCK_C)
     dt = tl.load(dt_ptr + b).to(DTYPE)
-    # (sizes equal to 1 arrive as Python constexprs under Triton's JIT specialisation: no .to() on them)
-    zero = tl.zeros([BLOCK_R * BLOCK_C], DTYPE)
-    fnx = zero + NX
-    fny = zero + NY
-    fnz = zero + NZ
     t0, t1 = clip_box(ox, oy, oz, ex, ey, ez, -1.0, fnx, fny, fnz, 0.0, tlo, thi, False)
-    hit = pmask & (t1 > t0)
-    L = tl.where(hit, t1 - t0, 0.0)
-    t0 = tl.where(hit, t0, 0.0)
-    px = ox + t0 * ex
-    py = oy + t0 * ey
-    pz = oz + t0 * ez
+    hit, L, t0, px, py, pz = reorigin(pmask, t0, t1, ox, oy, oz, ex, ey, ez)
     nsamp = tl.where(hit, tl.ceil(L / dt).to(tl.int32) + 1, 0)
     kmax = tl.max(nsamp, axis=0)
     vol_base, pix = flat_offsets(b, v, V, rr, cc, ROWS, COLS, NX, NY, NZ, INT64)
