@@ -630,6 +630,27 @@ def test_cli_register_with_a_non_square_detector(flipped_phantom):
                                     "--out", "reg_bad", "--no-progress", "--no-figures", cwd=d))
 
 
+def _coarse_phantom_scene(seed):
+    """A coarse chest phantom (30x26x17 voxels of 6.5x7.5x11 mm), a 40x72 cone detector posed about its centre
+    (``pose(*angles)``), the true pose xwin_pose(7, -4, 3) and its noise-free target: (mu, A, pose, truth, target)."""
+    from xwin.geometry import xwin_pose
+    from xwin.intensity import hu_to_mu
+    from xwin.kernels import project
+    from xwin.phantom import chest_phantom
+
+    v = chest_phantom((30, 26, 17), (6.5, 7.5, 11.0), seed=seed)
+    A = np.asarray(v.affine)
+    mu = hu_to_mu(v.data.double())
+    centre = (A[:3, :3] @ ((np.array(mu.shape) - 1) / 2) + A[:3, 3]).tolist()
+
+    def pose(*angles):
+        g = xwin_pose(*angles, size=64, isocenter=centre)
+        return Geometry.cone(g.source, g.center, g.u * 1.3, g.v * 1.3, 40, 72)
+
+    truth = pose(7.0, -4.0, 3.0)
+    return mu, A, pose, truth, project(mu, truth, affine=torch.from_numpy(A))[0]
+
+
 @pytest.mark.parametrize("optimizer", [
     "lm",
     pytest.param("adam", marks=pytest.mark.xfail(strict=True, reason=(
@@ -637,47 +658,19 @@ def test_cli_register_with_a_non_square_detector(flipped_phantom):
         "of 6.5x7.5x11 mm, seed 4) from an 8.7 deg start on a noise-free DRR target; the default LM recovers it"))),
 ])
 def test_register_recovers_a_9_degree_pose_on_a_coarse_phantom(optimizer):
-    from xwin.geometry import xwin_pose
-    from xwin.intensity import hu_to_mu
-    from xwin.kernels import project
-    from xwin.phantom import chest_phantom
     from xwin.register.core import register
 
-    v = chest_phantom((30, 26, 17), (6.5, 7.5, 11.0), seed=4)
-    A = np.asarray(v.affine)
-    mu = hu_to_mu(v.data.double())
-    centre = (A[:3, :3] @ ((np.array(mu.shape) - 1) / 2) + A[:3, 3]).tolist()
-
-    def pose(*angles):
-        g = xwin_pose(*angles, size=64, isocenter=centre)
-        return Geometry.cone(g.source, g.center, g.u * 1.3, g.v * 1.3, 40, 72)
-
-    truth = pose(7.0, -4.0, 3.0)
-    target = project(mu, truth, affine=torch.from_numpy(A))[0]
+    mu, A, pose, truth, target = _coarse_phantom_scene(seed=4)
     r = register(mu.float(), target, pose(0.0, 0.0, 0.0), affine=A, optimizer=optimizer)
     assert float((r.geometry.source - truth.source).norm()) < 5.0
 
 
 def test_register_does_not_depend_on_how_the_ct_is_stored():
-    from xwin.geometry import xwin_pose
-    from xwin.intensity import hu_to_mu
-    from xwin.kernels import project
-    from xwin.phantom import chest_phantom
     from xwin.register.core import register
 
-    v = chest_phantom((30, 26, 17), (6.5, 7.5, 11.0), seed=3)
-    A = np.asarray(v.affine)
-    mu = hu_to_mu(v.data.double())
+    mu, A, pose, truth, target = _coarse_phantom_scene(seed=3)
     F = np.diag([-1.0, 1.0, -1.0, 1.0])
     F[0, 3], F[2, 3] = mu.shape[0] - 1, mu.shape[2] - 1
-    centre = (A[:3, :3] @ ((np.array(mu.shape) - 1) / 2) + A[:3, 3]).tolist()
-
-    def pose(*angles):
-        g = xwin_pose(*angles, size=64, isocenter=centre)
-        return Geometry.cone(g.source, g.center, g.u * 1.3, g.v * 1.3, 40, 72)
-
-    truth = pose(7.0, -4.0, 3.0)
-    target = project(mu, truth, affine=torch.from_numpy(A))[0]
     src = [register(vol.float(), target, pose(0.0, 0.0, 0.0), affine=aff, optimizer="lm").geometry.source
            for vol, aff in ((mu, A), (mu.flip(0).flip(2), A @ F))]
     assert float((src[0] - truth.source).norm()) < 1.0                  # the RAS copy registers
